@@ -14,11 +14,13 @@ from .scan import register_implementation as register_implementation
 from .scan import selective_scan as selective_scan
 from .state_update import selective_state_update as selective_state_update
 from .state_update import selective_state_update_tokens as selective_state_update_tokens
+from .tokenizer import ByteTokenizer as ByteTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AssociativeScan",
+    "ByteTokenizer",
     "ChunkedScan",
     "ReferenceScan",
     "ScanArgs",

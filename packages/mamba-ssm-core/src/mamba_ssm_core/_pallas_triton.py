@@ -1,0 +1,679 @@
+"""The selective scan as fused Pallas kernels on the Triton backend (Ampere and Hopper GPUs).
+
+Forward: one program per (batch, block of `block_d` channels) walks the whole
+sequence. Its state, (state, block_d) float32, stays in registers; each step
+reads one row of u, delta, z, B and C, applies the delta bias and softplus,
+discretises, updates the state, contracts it with C, adds the D skip, gates with
+silu(z) and writes one row of y. The (batch, length, dim, state) tensor is
+never written to device memory. With a backward to come, it also saves the
+state entering each tile of `tile_l` steps.
+
+Backward (behind `jax.custom_vjp`): the same programs walk the tiles in reverse.
+Per tile they recompute the states at the start of each sub-tile of
+`bwd_unroll` steps into a small per-program workspace, then walk the sub-tiles
+in reverse, recomputing that sub-tile's states in registers and running the
+adjoint recurrence. Parameter gradients leave each program as partial sums
+(per batch row, per channel block) that XLA sums afterwards: no atomics, so the
+result is deterministic. `backward="reference"` swaps in the VJP of the
+sequential `lax.scan` for checking.
+
+Layouts inside the kernels: the state is (state, channels) with the channels
+last, so that Triton spreads channels over threads and each thread holds all
+state entries of its channels: the sums over the state then stay in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ._scan_common import (
+    SOFTPLUS_THRESHOLD,
+    ScanArgs,
+    ScanImplementation,
+    ScanSpec,
+    keep_mask,
+    prepare_delta,
+)
+from ._scan_reference import scan_steps
+
+_LOG2E = math.log2(math.e)
+_DTYPES = ("float32", "bfloat16", "float16")
+MAX_STATE = 256
+_BACKWARDS = ("kernel", "reference")
+_F32 = jnp.float32
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _cuda_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first GPU, or None if it is no CUDA device."""
+    try:
+        cc = jax.devices("gpu")[0].compute_capability
+        major, minor = str(cc).split(".")[:2]
+        return int(major), int(minor)
+    except (RuntimeError, AttributeError, ValueError, IndexError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """Everything static about one kernel launch; hashable, the custom_vjp's nondiff arg."""
+
+    length: int  # true sequence length
+    tile: int  # steps per saved state (forward tile)
+    n_tiles: int
+    unroll: int  # forward steps per unrolled sub-tile
+    bwd_unroll: int  # backward steps per recomputed sub-tile
+    state: int  # padded state size (a power of two)
+    block_d: int
+    bwd_block_d: int
+    blocks_per_group: int  # channel blocks per group of B and C (forward)
+    bwd_blocks_per_group: int
+    num_warps: int
+    bwd_num_warps: int
+    num_stages: int
+    softplus: bool
+    has_z: bool
+    has_D: bool
+    has_bias: bool
+    has_keep: bool
+    has_h0: bool
+    backward: str
+    interpret: bool
+
+    @property
+    def masked(self) -> bool:
+        """True when the tiles overrun the sequence: the overrun steps are masked out."""
+        return self.n_tiles * self.tile != self.length
+
+
+# ----------------------------------------------------------------------------
+# Pieces shared by the kernel bodies. `t` is a traced int32 step index.
+
+
+def _row(ref, t, cfg: _Kernel):
+    """Row t of a (length, ...) ref; past the end it reads the last row (masked by the caller)."""
+    if cfg.masked:
+        t = jnp.minimum(t, cfg.length - 1)
+    return ref[t]
+
+
+def _store_row(ref, t, val, cfg: _Kernel):
+    if cfg.masked:
+        valid = jnp.full(val.shape, t < cfg.length)
+        plt.store(ref.at[jnp.minimum(t, cfg.length - 1)], val, mask=valid)
+    else:
+        ref[t] = val
+
+
+def _delta_step(dt_ref, bias, t, cfg: _Kernel):
+    """(raw delta + bias, delta after softplus) for step t, (block_d,) float32 each.
+
+    Past the end of the sequence delta is 0, which makes the step the identity map.
+    """
+    x = _row(dt_ref, t, cfg).astype(_F32)
+    if bias is not None:
+        x = x + bias
+    dt = x
+    if cfg.softplus:
+        dt = jnp.where(
+            x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD)))
+        )
+    if cfg.masked:
+        dt = jnp.where(t < cfg.length, dt, 0.0)
+    return x, dt
+
+
+def _decay(dt, A2, keep_ref, t, cfg: _Kernel):
+    """exp(delta * A) as exp2(delta * A * log2(e)), zeroed where the segment restarts."""
+    dA = jnp.exp2(dt[None, :] * A2)
+    if cfg.has_keep:
+        keep = _row(keep_ref, t, cfg)
+        if cfg.masked:
+            keep = jnp.where(t < cfg.length, keep, 1)
+        dA = dA * keep.astype(_F32)
+    return dA
+
+
+def _unpack(refs, names_flags):
+    it = iter(refs)
+    out = {name: (next(it) if flag else None) for name, flag in names_flags}
+    rest = list(it)
+    return out, rest
+
+
+def _input_names(cfg: _Kernel):
+    return (
+        ("u", True),
+        ("dt", True),
+        ("z", cfg.has_z),
+        ("A", True),
+        ("B", True),
+        ("C", True),
+        ("D", cfg.has_D),
+        ("bias", cfg.has_bias),
+        ("keep", cfg.has_keep),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Forward kernel.
+
+
+def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
+    ins, rest = _unpack(refs, (*_input_names(cfg), ("h0", cfg.has_h0)))
+    y_ref, hlast_ref, *ck = rest
+    ck_ref = ck[0] if save else None
+    bd = cfg.block_d
+
+    A2 = ins["A"][...] * _LOG2E  # (state, bd) float32, pre-scaled for exp2
+    D = ins["D"][...] if cfg.has_D else None
+    bias = ins["bias"][...] if cfg.has_bias else None
+
+    def step(t, h):
+        _, dt = _delta_step(ins["dt"], bias, t, cfg)
+        u = _row(ins["u"], t, cfg).astype(_F32)
+        B = _row(ins["B"], t, cfg).astype(_F32)
+        C = _row(ins["C"], t, cfg).astype(_F32)
+        dA = _decay(dt, A2, ins["keep"], t, cfg)
+        h = dA * h + (dt * u)[None, :] * B[:, None]
+        y = jnp.sum(h * C[:, None], axis=0)
+        if D is not None:
+            y = y + D * u
+        if cfg.has_z:
+            z = _row(ins["z"], t, cfg).astype(_F32)
+            y = y * (z / (1.0 + jnp.exp(-z)))
+        _store_row(y_ref, t, y.astype(y_ref.dtype), cfg)
+        return h
+
+    def tile(c, h):
+        if ck_ref is not None:
+            ck_ref[c] = h
+
+        def sub(m, h):
+            t0 = c * cfg.tile + m * cfg.unroll
+            for k in range(cfg.unroll):  # unrolled: the loads of a sub-tile issue together
+                h = step(t0 + k, h)
+            return h
+
+        return jax.lax.fori_loop(0, cfg.tile // cfg.unroll, sub, h)
+
+    h = ins["h0"][...] if cfg.has_h0 else jnp.zeros((cfg.state, bd), _F32)
+    hlast_ref[...] = jax.lax.fori_loop(0, cfg.n_tiles, tile, h)
+
+
+def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
+    """BlockSpecs over the grid (batch, channel block j) for the named inputs."""
+    L, N = cfg.length, cfg.state
+    seq = pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j))
+    chan = pl.BlockSpec((bd,), lambda b, j: (j,))
+    specs = {
+        "u": seq,
+        "dt": seq,
+        "z": seq,
+        "dy": seq,
+        "A": pl.BlockSpec((N, bd), lambda b, j: (0, j)),
+        "B": pl.BlockSpec((None, L, None, N), lambda b, j: (b, 0, j // bpg, 0)),
+        "C": pl.BlockSpec((None, L, None, N), lambda b, j: (b, 0, j // bpg, 0)),
+        "D": chan,
+        "bias": chan,
+        "keep": pl.BlockSpec((None, L), lambda b, j: (b, 0)),
+        "h0": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
+        "dhlast": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
+        "ck": pl.BlockSpec((None, cfg.n_tiles, N, bd), lambda b, j: (b, 0, 0, j)),
+    }
+    return [specs[n] for n in names]
+
+
+def _forward_impl(cfg: _Kernel, save: bool, u, dt, z, A, B, C, D, bias, keep, h0):
+    batch, L, dp = u.shape
+    N, bd = cfg.state, cfg.block_d
+    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, h0=h0)
+    names = [n for n, flag in (*_input_names(cfg), ("h0", cfg.has_h0)) if flag]
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, L, dp), u.dtype),
+        jax.ShapeDtypeStruct((batch, N, dp), _F32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j)),
+        pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
+    ]
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((batch, cfg.n_tiles, N, dp), _F32))
+        out_specs.append(pl.BlockSpec((None, cfg.n_tiles, N, bd), lambda b, j: (b, 0, 0, j)))
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg, save),
+        out_shape=out_shape,
+        grid=(batch, dp // bd),
+        in_specs=_in_specs(cfg, bd, cfg.blocks_per_group, names),
+        out_specs=out_specs,
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
+        name="selective_scan_fwd",
+    )(*[given[n] for n in names])
+    return tuple(outs) if save else (*outs, None)
+
+
+_forward = jax.jit(_forward_impl, static_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------
+# Backward kernel.
+
+
+def _bwd_kernel(cfg: _Kernel, *refs):
+    ins, rest = _unpack(refs, (*_input_names(cfg), ("ck", True), ("dy", True), ("dhlast", True)))
+    du_ref, ddt_ref, *rest = rest
+    dz_ref = rest.pop(0) if cfg.has_z else None
+    dA_ref, dB_ref, dC_ref, dh0_ref, ws_ref, *rest = rest
+    dD_ref = rest.pop(0) if cfg.has_D else None
+    dbias_ref = rest.pop(0) if cfg.has_bias else None
+    K = cfg.bwd_unroll
+    n_sub = cfg.tile // K
+    bd, N = cfg.bwd_block_d, cfg.state
+
+    A2 = ins["A"][...] * _LOG2E
+    D = ins["D"][...] if cfg.has_D else None
+    bias = ins["bias"][...] if cfg.has_bias else None
+
+    def advance(t, h):
+        """One forward step from h; returns (new state, raw delta, delta, u)."""
+        x, dt = _delta_step(ins["dt"], bias, t, cfg)
+        u = _row(ins["u"], t, cfg).astype(_F32)
+        B = _row(ins["B"], t, cfg).astype(_F32)
+        h = _decay(dt, A2, ins["keep"], t, cfg) * h + (dt * u)[None, :] * B[:, None]
+        return h, x, dt, u
+
+    def back(t, h_prev, h, x, dt, u, carry):
+        """Adjoint of step t. carry: (gradient reaching h_t from later steps, dA, dD, dbias sums)."""
+        g_next, acc_A, acc_D, acc_bias = carry
+        B = _row(ins["B"], t, cfg).astype(_F32)
+        C = _row(ins["C"], t, cfg).astype(_F32)
+        dA = _decay(dt, A2, ins["keep"], t, cfg)
+        dy = _row(ins["dy"], t, cfg).astype(_F32)
+        if cfg.has_z:
+            z = _row(ins["z"], t, cfg).astype(_F32)
+            sig = 1.0 / (1.0 + jnp.exp(-z))
+            y_pre = jnp.sum(h * C[:, None], axis=0)
+            if D is not None:
+                y_pre = y_pre + D * u
+            dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
+            _store_row(dz_ref, t, dz.astype(dz_ref.dtype), cfg)
+            dy = dy * z * sig
+        if cfg.masked:
+            dy = jnp.where(t < cfg.length, dy, 0.0)
+        g = g_next + C[:, None] * dy[None, :]  # total gradient of h_t
+        gB = jnp.sum(g * B[:, None], axis=0)
+        g_dA_h = g * dA * h_prev
+        # d h_t / d delta = A dA h_{t-1} + u B; A = A2 / log2(e)
+        ddt = u * gB + jnp.sum(A2 * g_dA_h, axis=0) * (1.0 / _LOG2E)
+        du = dt * gB
+        if D is not None:
+            du = du + D * dy
+            acc_D = acc_D + dy * u
+        acc_A = acc_A + g_dA_h * dt[None, :]
+        if cfg.softplus:
+            ddt = jnp.where(x > SOFTPLUS_THRESHOLD, ddt, ddt / (1.0 + jnp.exp(-x)))
+        if cfg.has_bias:
+            acc_bias = acc_bias + (jnp.where(t < cfg.length, ddt, 0.0) if cfg.masked else ddt)
+        _store_row(du_ref, t, du.astype(du_ref.dtype), cfg)
+        _store_row(ddt_ref, t, ddt.astype(ddt_ref.dtype), cfg)
+        # Partial sums over this block's channels; rows past the end are sliced off outside.
+        dB_ref[t] = jnp.sum(g * (dt * u)[None, :], axis=1)
+        dC_ref[t] = jnp.sum(h * dy[None, :], axis=1)
+        return g * dA, acc_A, acc_D, acc_bias
+
+    def tile(i, carry):
+        c = cfg.n_tiles - 1 - i
+
+        # States entering each sub-tile, into this program's workspace.
+        def fill(m, h):
+            ws_ref[m] = h
+            for k in range(K):
+                h = advance(c * cfg.tile + m * K + k, h)[0]
+            return h
+
+        h = jax.lax.fori_loop(0, n_sub - 1, fill, ins["ck"][c])
+        ws_ref[n_sub - 1] = h
+        if not cfg.interpret:
+            plt.debug_barrier()  # the workspace is read back below, possibly by other threads
+
+        def sub(mm, carry):
+            m = n_sub - 1 - mm
+            t0 = c * cfg.tile + m * K
+            hs, saved = [ws_ref[m]], []
+            for k in range(K):  # recompute the sub-tile's states in registers
+                h, x, dt, u = advance(t0 + k, hs[-1])
+                hs.append(h)
+                saved.append((x, dt, u))
+            for k in reversed(range(K)):
+                carry = back(t0 + k, hs[k], hs[k + 1], *saved[k], carry)
+            return carry
+
+        carry = jax.lax.fori_loop(0, n_sub, sub, carry)
+        if not cfg.interpret:
+            plt.debug_barrier()  # the next tile overwrites the workspace
+        return carry
+
+    zeros_d = jnp.zeros((bd,), _F32)
+    carry = (ins["dhlast"][...], jnp.zeros((N, bd), _F32), zeros_d, zeros_d)
+    g, acc_A, acc_D, acc_bias = jax.lax.fori_loop(0, cfg.n_tiles, tile, carry)
+    dh0_ref[...] = g
+    dA_ref[...] = acc_A
+    if dD_ref is not None:
+        dD_ref[...] = acc_D
+    if dbias_ref is not None:
+        dbias_ref[...] = acc_bias
+
+
+def _backward_impl(cfg: _Kernel, res, cts):
+    u, dt, z, A, B, C, D, bias, keep, h0, ck = res
+    dy, dhlast = cts
+    batch, L, dp = u.shape
+    N, bd = cfg.state, cfg.bwd_block_d
+    nblk = dp // bd
+    groups = B.shape[2]
+    Lp = cfg.n_tiles * cfg.tile
+    n_sub = cfg.tile // cfg.bwd_unroll
+    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, ck=ck, dy=dy,
+                 dhlast=dhlast)
+    names = [n for n, f in (*_input_names(cfg), ("ck", 1), ("dy", 1), ("dhlast", 1)) if f]
+    seq_spec = pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j))
+    state_spec = pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j))
+    part_spec = pl.BlockSpec((None, None, Lp, N), lambda b, j: (b, j, 0, 0))
+    chan_part = pl.BlockSpec((None, bd), lambda b, j: (b, j))
+    out = [
+        ("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq_spec),
+        ("ddt", jax.ShapeDtypeStruct(dt.shape, dt.dtype), seq_spec),
+    ]
+    if cfg.has_z:
+        out.append(("dz", jax.ShapeDtypeStruct(z.shape, z.dtype), seq_spec))
+    out += [
+        ("dA", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
+        ("dB", jax.ShapeDtypeStruct((batch, nblk, Lp, N), _F32), part_spec),
+        ("dC", jax.ShapeDtypeStruct((batch, nblk, Lp, N), _F32), part_spec),
+        ("dh0", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
+        ("ws", jax.ShapeDtypeStruct((batch, nblk, n_sub, N, bd), _F32),
+         pl.BlockSpec((None, None, n_sub, N, bd), lambda b, j: (b, j, 0, 0, 0))),
+    ]
+    if cfg.has_D:
+        out.append(("dD", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
+    if cfg.has_bias:
+        out.append(("dbias", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
+    res_out = pl.pallas_call(
+        functools.partial(_bwd_kernel, cfg),
+        out_shape=[o[1] for o in out],
+        grid=(batch, nblk),
+        in_specs=_in_specs(cfg, bd, cfg.bwd_blocks_per_group, names),
+        out_specs=[o[2] for o in out],
+        compiler_params=plt.CompilerParams(
+            num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages
+        ),
+        interpret=cfg.interpret,
+        name="selective_scan_bwd",
+    )(*[given[n] for n in names])
+    g = dict(zip([o[0] for o in out], res_out, strict=True))
+
+    def reduce_blocks(part, like):
+        # (batch, nblk, Lp, N) -> (batch, L, groups, N): sum the channel blocks of each group.
+        part = part.reshape(batch, groups, nblk // groups, Lp, N).sum(axis=2)
+        return jnp.moveaxis(part, 1, 2)[:, :L].astype(like.dtype)
+
+    return (
+        g["du"],
+        g["ddt"],
+        g["dz"] if cfg.has_z else None,
+        g["dA"].sum(axis=0),
+        reduce_blocks(g["dB"], B),
+        reduce_blocks(g["dC"], C),
+        g["dD"].sum(axis=0) if cfg.has_D else None,
+        g["dbias"].sum(axis=0) if cfg.has_bias else None,
+        None,
+        g["dh0"] if cfg.has_h0 else None,
+    )
+
+
+_backward = jax.jit(_backward_impl, static_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------
+# Pure-JAX twin on the kernel layouts: the `backward="reference"` VJP.
+
+
+def _reference_core(cfg: _Kernel, u, dt, z, A, B, C, D, bias, keep, h0):
+    """The sequential scan on the kernels' padded layouts: y (b, l, dp), final state (b, N, dp)."""
+    batch, _, dp = u.shape
+    delta = prepare_delta(dt, bias, cfg.softplus)
+    h0 = jnp.zeros((batch, dp, cfg.state), _F32) if h0 is None else jnp.swapaxes(h0, 1, 2)
+    uf = u.astype(_F32)
+    y, h = scan_steps(h0, delta, uf, A.T, B, C, None if keep is None else keep.astype(bool))
+    if D is not None:
+        y = y + uf * D
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(_F32))
+    return y.astype(u.dtype), jnp.swapaxes(h, 1, 2)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp over the kernels.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg: _Kernel, u, dt, z, A, B, C, D, bias, keep, h0):
+    y, hlast, _ = _forward(cfg, False, u, dt, z, A, B, C, D, bias, keep, h0)
+    return y, hlast
+
+
+def _scan_fwd(cfg: _Kernel, u, dt, z, A, B, C, D, bias, keep, h0):
+    if cfg.backward == "reference":
+        y, hlast, _ = _forward(cfg, False, u, dt, z, A, B, C, D, bias, keep, h0)
+        return (y, hlast), (u, dt, z, A, B, C, D, bias, keep, h0, None)
+    y, hlast, ck = _forward(cfg, True, u, dt, z, A, B, C, D, bias, keep, h0)
+    return (y, hlast), (u, dt, z, A, B, C, D, bias, keep, h0, ck)
+
+
+def _scan_bwd(cfg: _Kernel, res, cts):
+    if cfg.backward == "reference":
+        u, dt, z, A, B, C, D, bias, keep, h0, _ = res
+        _, vjp = jax.vjp(
+            lambda u, dt, z, A, B, C, D, bias, h0: _reference_core(
+                cfg, u, dt, z, A, B, C, D, bias, keep, h0
+            ),
+            u, dt, z, A, B, C, D, bias, h0,
+        )
+        du, ddt, dz, dA, dB, dC, dD, dbias, dh0 = vjp(cts)
+        return du, ddt, dz, dA, dB, dC, dD, dbias, None, dh0
+    return _backward(cfg, res, cts)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ----------------------------------------------------------------------------
+# The registered configuration.
+
+
+def _pad_channels(x: Array | None, groups: int, dg: int, dgp: int) -> Array | None:
+    """(..., dim) -> (..., groups * dgp): each group's dg channels padded with zeros to dgp."""
+    if x is None or dg == dgp:
+        return x
+    lead = x.shape[:-1]
+    x = x.reshape(*lead, groups, dg)
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, dgp - dg)])
+    return x.reshape(*lead, groups * dgp)
+
+
+def _unpad_channels(x: Array, groups: int, dg: int, dgp: int) -> Array:
+    if dg == dgp:
+        return x
+    lead = x.shape[:-1]
+    return x.reshape(*lead, groups, dgp)[..., :dg].reshape(*lead, groups * dg)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTritonScan(ScanImplementation):
+    """Fused Pallas kernels on the Triton backend: forward and backward (custom_vjp).
+
+    block_d: channels per program (a power of two; capped at the group's channels).
+    num_warps: warps per program; None picks from block_d and the state size.
+    unroll: forward steps unrolled per loop iteration (their loads issue together).
+    tile_l: steps per saved state; the backward recomputes inside each tile.
+    bwd_block_d, bwd_num_warps, bwd_unroll: the same for the backward kernel (None:
+      the forward's block_d and num_warps; bwd_unroll None picks from the state size).
+    num_stages: Triton's software-pipelining depth.
+    backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
+    interpret: run the kernels in Pallas' interpreter (CPU; for tests).
+    """
+
+    name = "pallas_triton"
+    block_d: int = 32
+    num_warps: int | None = None
+    unroll: int = 8
+    tile_l: int = 64
+    bwd_block_d: int | None = None
+    bwd_num_warps: int | None = None
+    bwd_unroll: int | None = None
+    num_stages: int = 1
+    backward: str = "kernel"
+    interpret: bool = False
+
+    def __post_init__(self):
+        for field in ("block_d", "unroll", "tile_l", "bwd_block_d", "bwd_unroll"):
+            v = getattr(self, field)
+            if v is not None and not _is_pow2(v):
+                raise ValueError(f"PallasTritonScan: {field} must be a power of two, got {v}")
+        for field in ("num_warps", "bwd_num_warps"):
+            v = getattr(self, field)
+            if v is not None and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"PallasTritonScan: {field} must be 1, 2, 4, 8 or 16, got {v}")
+        if self.num_stages < 1:
+            raise ValueError(f"PallasTritonScan: num_stages must be >= 1, got {self.num_stages}")
+        for field in ("unroll", "bwd_unroll"):
+            v = getattr(self, field)
+            if v is not None and self.tile_l % v:
+                raise ValueError(
+                    f"PallasTritonScan: tile_l ({self.tile_l}) must be a multiple of {field} ({v})"
+                )
+        if self.backward not in _BACKWARDS:
+            raise ValueError(
+                f"PallasTritonScan: backward must be one of {_BACKWARDS}, got {self.backward!r}"
+            )
+
+    def unsupported(self, spec: ScanSpec, platform: str) -> str | None:
+        if spec.state > MAX_STATE:
+            return f"state size {spec.state} is over the kernels' limit of {MAX_STATE}"
+        if spec.dtype not in _DTYPES:
+            return f"dtype {spec.dtype} is not one of {', '.join(_DTYPES)}"
+        if self.interpret:
+            return None
+        if platform != "gpu":
+            return (
+                f"needs a CUDA GPU (Triton backend); platform is {platform!r} "
+                "(PallasTritonScan(interpret=True) runs it in the Pallas interpreter)"
+            )
+        cc = _cuda_compute_capability()
+        if cc is None:
+            return "the GPU is not a CUDA device"
+        if cc < (8, 0):
+            return f"needs compute capability 8.0 (Ampere) or newer, this GPU has {cc[0]}.{cc[1]}"
+        return None
+
+    def kernel_config(self, spec: ScanSpec, *, softplus: bool, has_D: bool, has_bias: bool,
+                      has_h0: bool) -> _Kernel:
+        """The static launch configuration for one call."""
+        N = _next_pow2(spec.state)
+        dg = spec.dim // spec.groups
+        bd = min(self.block_d, _next_pow2(dg))
+        bwd_bd = min(self.bwd_block_d or self.block_d, _next_pow2(dg))
+        dgp = _round_up(dg, max(bd, bwd_bd))
+
+        def warps(bd: int) -> int:
+            # one channel per thread when the state is small; more warps (splitting the
+            # state over them) when a thread would hold over 32 state entries
+            return min(16, max(1, (N * bd) // (32 * 32)))
+
+        # Registers for a backward sub-tile hold bwd_unroll + 1 states.
+        per_thread = max(1, N * bwd_bd // (32 * (self.bwd_num_warps or warps(bwd_bd))))
+        bwd_unroll = self.bwd_unroll or max(1, min(self.unroll, 128 // per_thread))
+        unroll = self.unroll
+        step = max(unroll, bwd_unroll)
+        tile = min(self.tile_l, _round_up(spec.length, step))
+        n_tiles = -(-spec.length // tile)
+        return _Kernel(
+            length=spec.length,
+            tile=tile,
+            n_tiles=n_tiles,
+            unroll=unroll,
+            bwd_unroll=bwd_unroll,
+            state=N,
+            block_d=bd,
+            bwd_block_d=bwd_bd,
+            blocks_per_group=dgp // bd,
+            bwd_blocks_per_group=dgp // bwd_bd,
+            num_warps=self.num_warps or warps(bd),
+            bwd_num_warps=self.bwd_num_warps or warps(bwd_bd),
+            num_stages=self.num_stages,
+            softplus=softplus,
+            has_z=spec.has_z,
+            has_D=has_D,
+            has_bias=has_bias,
+            has_keep=spec.has_segments,
+            has_h0=has_h0,
+            backward=self.backward,
+            interpret=self.interpret,
+        )
+
+    def __call__(self, args: ScanArgs, *, delta_softplus: bool) -> tuple[Array, Array]:
+        spec = ScanSpec.of(args)
+        cfg = self.kernel_config(
+            spec, softplus=delta_softplus, has_D=args.D is not None,
+            has_bias=args.delta_bias is not None, has_h0=args.initial_state is not None,
+        )
+        g, n = spec.groups, spec.state
+        dg = spec.dim // g
+        dgp = cfg.blocks_per_group * cfg.block_d
+        N = cfg.state
+        pad = functools.partial(_pad_channels, groups=g, dg=dg, dgp=dgp)
+
+        def pad_state(x):  # (..., n) -> (..., N)
+            if x is None or n == N:
+                return x
+            return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, N - n)])
+
+        f32 = lambda x: None if x is None else x.astype(_F32)
+        h0 = args.initial_state
+        keep = keep_mask(args.segment_ids)
+        y, hlast = _scan(
+            cfg,
+            pad(args.u),
+            pad(args.delta),
+            pad(args.z),
+            pad_state(pad(f32(args.A).T).T).T,  # (dim, n) -> (N, dp)
+            pad_state(args.B),
+            pad_state(args.C),
+            pad(f32(args.D)),
+            pad(f32(args.delta_bias)),
+            None if keep is None else keep.astype(jnp.int32),
+            None if h0 is None else pad(pad_state(h0).swapaxes(1, 2)),  # -> (b, N, dp)
+        )
+        y = _unpad_channels(y, g, dg, dgp)
+        hlast = _unpad_channels(hlast, g, dg, dgp)[:, :n, :].swapaxes(1, 2)
+        return y, hlast

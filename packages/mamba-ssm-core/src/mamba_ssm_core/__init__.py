@@ -1,5 +1,6 @@
 """Mamba for JAX: the selective-scan op and a functional Mamba LM over plain pytrees."""
 
+from ._pallas_triton import PallasTritonScan as PallasTritonScan
 from ._scan_associative import AssociativeScan as AssociativeScan
 from ._scan_chunked import ChunkedScan as ChunkedScan
 from ._scan_common import ScanArgs as ScanArgs
@@ -22,6 +23,7 @@ __all__ = [
     "AssociativeScan",
     "ByteTokenizer",
     "ChunkedScan",
+    "PallasTritonScan",
     "ReferenceScan",
     "ScanArgs",
     "ScanImplementation",

@@ -18,6 +18,7 @@ from jax import Array
 from jaxtyping import Float, Int
 
 from . import _checks
+from ._pallas_triton import PallasTritonScan
 from ._scan_associative import AssociativeScan
 from ._scan_chunked import ChunkedScan
 from ._scan_common import ScanArgs, ScanImplementation, ScanSpec
@@ -195,3 +196,4 @@ def selective_scan(
 register_implementation(ReferenceScan(), auto_platforms={"cpu": 10})
 register_implementation(AssociativeScan())
 register_implementation(ChunkedScan(), auto_platforms={"cpu": 5, "gpu": 0, "tpu": 0})
+register_implementation(PallasTritonScan(), auto_platforms={"gpu": 10})

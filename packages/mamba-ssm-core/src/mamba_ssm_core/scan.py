@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from . import _checks
 from ._pallas_triton import PallasTritonScan
 from ._scan_associative import AssociativeScan
+from ._pallas_tpu import PallasTpuScan
 from ._scan_chunked import ChunkedScan
 from ._scan_common import ScanArgs, ScanImplementation, ScanSpec
 from ._scan_reference import ReferenceScan
@@ -196,4 +197,5 @@ def selective_scan(
 register_implementation(ReferenceScan(), auto_platforms={"cpu": 10})
 register_implementation(AssociativeScan())
 register_implementation(ChunkedScan(), auto_platforms={"cpu": 5, "gpu": 0, "tpu": 0})
+register_implementation(PallasTpuScan(), auto_platforms={"tpu": 10})
 register_implementation(PallasTritonScan(), auto_platforms={"gpu": 10})

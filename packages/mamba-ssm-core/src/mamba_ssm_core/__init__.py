@@ -13,6 +13,7 @@ from .scan import auto_implementation as auto_implementation
 from .scan import implementations as implementations
 from .scan import register_implementation as register_implementation
 from .scan import selective_scan as selective_scan
+from .sharding import sharded_selective_scan as sharded_selective_scan
 from .state_update import selective_state_update as selective_state_update
 from .state_update import selective_state_update_tokens as selective_state_update_tokens
 from .tokenizer import ByteTokenizer as ByteTokenizer
@@ -36,4 +37,5 @@ __all__ = [
     "selective_scan",
     "selective_state_update",
     "selective_state_update_tokens",
+    "sharded_selective_scan",
 ]

@@ -70,7 +70,7 @@ def _local_groups(B: Array, C: Array, layout: ShardLayout) -> tuple[Array, Array
     return pick(B), pick(C)
 
 
-def _fold_incoming(h0: Array, M: Array, N: Array) -> Array:
+def _fold_incoming(h0: Array, M: Array, N: Array) -> tuple[Array, Array]:
     """States entering each shard: h_in[0] = h0, h_in[s+1] = M[s] * h_in[s] + N[s].
 
     h0: (b, d, n); M, N: (shards, b, d, n). Returns (shards, b, d, n) and the
@@ -92,7 +92,7 @@ def shard_body(
     delta_softplus: bool,
     layout: ShardLayout,
 ) -> tuple[Array, Array]:
-    """One shard's part of the scan: (y (b, l, d) in u's dtype, final state (b, d, n) f32).
+    """One shard's part of the scan: (y (b, l, d) in u's dtype, final state (b, d, n)).
 
     `args` holds this shard's blocks (B and C grouped, groups of all channels when
     group_mode is "pick"). The final state is the same on every sequence shard.
@@ -113,8 +113,9 @@ def shard_body(
     _, N = impl(
         args._replace(D=None, z=None, initial_state=None), delta_softplus=delta_softplus
     )
-    delta = prepare_delta(args.delta, args.delta_bias, delta_softplus)  # (b, l, d) f32
-    M = jnp.exp(jnp.sum(delta, axis=1)[..., None] * args.A.astype(jnp.float32)[None])
+    # In the state's dtype (float32, or float64 where the op computes in it).
+    delta = prepare_delta(args.delta, args.delta_bias, delta_softplus).astype(N.dtype)
+    M = jnp.exp(jnp.sum(delta, axis=1)[..., None] * args.A.astype(N.dtype)[None])
 
     # The state carried into this shard survives unless the segment id changes at the
     # shard's first step (compared with the previous shard's last id); it does not
@@ -129,7 +130,7 @@ def shard_body(
 
     h0 = args.initial_state
     if h0 is None:
-        h0 = jnp.zeros((b, d, n), jnp.float32)
+        h0 = jnp.zeros((b, d, n), N.dtype)
     M_all = jax.lax.all_gather(M, seq, axis=0, tiled=False)  # (shards, b, d, n)
     N_all = jax.lax.all_gather(N, seq, axis=0, tiled=False)
     h_in_all, _ = _fold_incoming(h0, M_all, N_all)

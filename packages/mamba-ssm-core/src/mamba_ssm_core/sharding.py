@@ -25,7 +25,7 @@ from ._sharding_scan import ShardLayout, shard_body
 _OP = "sharded_selective_scan"
 
 AxisNames = str | tuple[str, ...] | None
-"""One mesh axis name, several (the logical axis is split over their product, first major), or None."""
+"""A mesh axis name, several (the logical axis splits over their product, first major), or None."""
 
 
 @contextlib.contextmanager
@@ -178,8 +178,8 @@ def sharded_selective_scan(
 
     Returns:
       y, (batch, length, dim), sharded P(batch_axis, sequence_axis, channel_axis),
-      and with return_final_state the final state, (batch, dim, state) float32,
-      sharded P(batch_axis, channel_axis, None).
+      and with return_final_state the final state, (batch, dim, state) in
+      selective_scan's state dtype, sharded P(batch_axis, channel_axis, None).
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"{_OP}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")

@@ -34,15 +34,16 @@ def combine(left: tuple[Array, Array], right: tuple[Array, Array]) -> tuple[Arra
 def discretise(
     delta: Array, u: Array, A: Array, B: Array, keep: Array | None
 ) -> tuple[Array, Array]:
-    """Decay exp(delta*A) and input delta*u*B, each (batch, length, dim, state) float32.
+    """Decay exp(delta*A) and input delta*u*B, each (batch, length, dim, state).
 
-    delta, u: (batch, length, dim) float32; B: (batch, length, groups, state);
-    keep: (batch, length) bool or None (False zeroes the decay: a state reset).
+    delta, u: (batch, length, dim) in the compute dtype, which the results share;
+    B: (batch, length, groups, state); keep: (batch, length) bool or None (False
+    zeroes the decay: a state reset).
     """
-    dA = jnp.exp(delta[..., None] * A.astype(jnp.float32))
+    dA = jnp.exp(delta[..., None] * A.astype(delta.dtype))
     if keep is not None:
         dA = jnp.where(keep[:, :, None, None], dA, 0.0)
-    dBu = (delta * u)[..., None] * expand_groups(B.astype(jnp.float32), u.shape[-1])
+    dBu = (delta * u)[..., None] * expand_groups(B.astype(delta.dtype), u.shape[-1])
     return dA, dBu
 
 
@@ -65,9 +66,10 @@ class AssociativeScan(ScanImplementation):
     name = "associative"
 
     def __call__(self, args: ScanArgs, *, delta_softplus: bool) -> tuple[Array, Array]:
-        delta = prepare_delta(args.delta, args.delta_bias, delta_softplus)
-        u = args.u.astype(jnp.float32)
+        dtype = args.compute_dtype
+        delta = prepare_delta(args.delta, args.delta_bias, delta_softplus, dtype)
+        u = args.u.astype(dtype)
         dA, dBu = discretise(delta, u, args.A, args.B, keep_mask(args.segment_ids))
         hs = associative_states(args.initial_state, dA, dBu)
-        y = jnp.sum(hs * expand_groups(args.C.astype(jnp.float32), u.shape[-1]), axis=-1)
+        y = jnp.sum(hs * expand_groups(args.C.astype(dtype), u.shape[-1]), axis=-1)
         return finish(y, args), hs[:, -1]

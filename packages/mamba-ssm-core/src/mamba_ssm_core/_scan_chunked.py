@@ -26,7 +26,7 @@ from ._scan_common import (
     keep_mask,
     prepare_delta,
 )
-from ._scan_reference import scan_steps
+from ._scan_reference import steps_time_major
 
 _INNER = ("auto", "sequential", "parallel")
 
@@ -40,17 +40,22 @@ def _pad_time(x: Array | None, length: int, value) -> Array | None:
 
 
 def _chunks(x: Array | None, size: int) -> Array | None:
-    """(batch, length, ...) -> (length // size, batch, size, ...)."""
+    """(batch, length, ...) -> (length // size, size, batch, ...): chunks, then time-major.
+
+    One transpose here saves one per chunk in the loop: each step then reads a
+    contiguous (batch, ...) slice.
+    """
     if x is None:
         return None
     b, l, *rest = x.shape
-    return jnp.moveaxis(x.reshape(b, l // size, size, *rest), 1, 0)
+    x = x.reshape(b, l // size, size, *rest)
+    return jnp.transpose(x, (1, 2, 0, *range(3, x.ndim)))
 
 
 def _unchunk(x: Array) -> Array:
-    """(chunks, batch, size, ...) -> (batch, chunks * size, ...)."""
-    c, b, t, *rest = x.shape
-    return jnp.moveaxis(x, 0, 1).reshape(b, c * t, *rest)
+    """(chunks, size, batch, ...) -> (batch, chunks * size, ...)."""
+    c, t, b, *rest = x.shape
+    return jnp.transpose(x, (2, 0, 1, *range(3, x.ndim))).reshape(b, c * t, *rest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +64,21 @@ class ChunkedScan(ScanImplementation):
 
     inner: "sequential" (a step loop inside the chunk), "parallel" (an associative
     scan inside the chunk), or "auto" (sequential on CPU, parallel elsewhere).
+    unroll: steps per iteration of the sequential inner loop.
     """
 
     name = "chunked"
     chunk_size: int = 64
     inner: str = "auto"
+    unroll: int = 1
 
     def __post_init__(self):
-        if self.chunk_size < 1:
-            raise ValueError(f"ChunkedScan: chunk_size must be >= 1, got {self.chunk_size}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"ChunkedScan: chunk_size must be an int >= 1, got {self.chunk_size!r}")
         if self.inner not in _INNER:
             raise ValueError(f"ChunkedScan: inner must be one of {_INNER}, got {self.inner!r}")
+        if not isinstance(self.unroll, int) or self.unroll < 1:
+            raise ValueError(f"ChunkedScan: unroll must be an int >= 1, got {self.unroll!r}")
 
     def unsupported(self, spec: ScanSpec, platform: str) -> str | None:
         del spec, platform
@@ -82,29 +91,34 @@ class ChunkedScan(ScanImplementation):
         b, length, dim = args.u.shape
         size = min(self.chunk_size, length)
         padded = -(-length // size) * size
+        h0 = initial_state_or_zeros(args)
+        dtype = h0.dtype
 
         # Padding after softplus with delta = 0 makes each padded step the identity
         # map (decay exp(0) = 1, input 0), so the final state is the true one.
-        delta = _pad_time(prepare_delta(args.delta, args.delta_bias, delta_softplus), padded, 0.0)
-        u = _pad_time(args.u.astype(jnp.float32), padded, 0.0)
+        delta = prepare_delta(args.delta, args.delta_bias, delta_softplus, dtype)
+        delta = _pad_time(delta, padded, 0.0)
+        u = _pad_time(args.u.astype(dtype), padded, 0.0)
         B = _pad_time(args.B, padded, 0.0)
         C = _pad_time(args.C, padded, 0.0)
         keep = _pad_time(keep_mask(args.segment_ids), padded, True)
         A = args.A
+        unroll = min(self.unroll, size)
 
         @jax.checkpoint
         def chunk(h, xs):
+            # Every xs entry is time-major: (size, batch, ...).
             delta_c, u_c, B_c, C_c, keep_c = xs
             if inner == "sequential":
-                y_c, h = scan_steps(h, delta_c, u_c, A, B_c, C_c, keep_c)
+                y_c, h = steps_time_major(h, delta_c, u_c, A, B_c, C_c, keep_c, unroll=unroll)
             else:
                 dA, dBu = discretise(delta_c, u_c, A, B_c, keep_c)
-                hs = associative_states(h, dA, dBu)
-                y_c = jnp.sum(hs * expand_groups(C_c.astype(jnp.float32), dim), axis=-1)
-                h = hs[:, -1]
+                hs = associative_states(h, dA, dBu, axis=0)
+                y_c = jnp.sum(hs * expand_groups(C_c.astype(dtype), dim), axis=-1)
+                h = hs[-1]
             return h, y_c
 
         xs = tuple(_chunks(x, size) for x in (delta, u, B, C, keep))
-        h, ys = jax.lax.scan(chunk, initial_state_or_zeros(args), xs)
+        h, ys = jax.lax.scan(chunk, h0, xs)
         y = _unchunk(ys)[:, :length]
         return finish(y, args), h

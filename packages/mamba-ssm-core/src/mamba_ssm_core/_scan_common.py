@@ -3,6 +3,10 @@
 Implementations receive a validated `ScanArgs` whose B and C are always grouped,
 (batch, length, groups, state); channel d reads group d // (dim // groups), as
 in the official kernel's `repeat(B, "b g n l -> b (g h) n l")`.
+
+Arithmetic and the state are float32 (`compute_dtype`), or float64 when an input
+is float64: a float64 input is never silently rounded to float32, which is also
+what lets the tests check gradients by finite differences in float64.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ class ScanArgs(NamedTuple):
 
     u, delta: (batch, length, dim); A: (dim, state); B, C: (batch, length, groups, state);
     D, delta_bias: (dim,) or None; z: (batch, length, dim) or None;
-    initial_state: (batch, dim, state) float32 or None; segment_ids: (batch, length) int or None.
+    initial_state: (batch, dim, state) in the compute dtype, or None;
+    segment_ids: (batch, length) int or None.
     """
 
     u: Array
@@ -37,6 +42,12 @@ class ScanArgs(NamedTuple):
     delta_bias: Array | None
     initial_state: Array | None
     segment_ids: Array | None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """Dtype of the arithmetic and of the state: float32, or float64 if an input is."""
+        return compute_dtype(self.u, self.delta, self.A, self.B, self.C, self.D, self.z,
+                             self.delta_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +77,7 @@ class ScanImplementation(abc.ABC):
 
     Subclasses set `name`, may add options as fields, and implement `__call__`,
     which returns y (batch, length, dim) in u's dtype and the final state
-    (batch, dim, state) in float32. `unsupported` returns a reason string when
+    (batch, dim, state) in `args.compute_dtype`. `unsupported` returns a reason string when
     the implementation cannot take a call (then `auto` passes it over and an
     explicit request raises with that reason), or None.
     """
@@ -82,16 +93,29 @@ class ScanImplementation(abc.ABC):
         """Run the scan: (y, final_state)."""
 
 
+def compute_dtype(*xs: Array | None) -> jnp.dtype:
+    """float64 if any of the arrays (None entries skipped) is float64, else float32."""
+    if any(x is not None and jnp.result_type(x) == jnp.float64 for x in xs):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
 def softplus(x: Array) -> Array:
     """softplus with the official threshold: identity above 20."""
     return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
-def prepare_delta(delta: Array, delta_bias: Array | None, delta_softplus: bool) -> Array:
-    """delta (+ bias), softplus'd if asked, in float32. Shape unchanged."""
-    delta = delta.astype(jnp.float32)
+def prepare_delta(
+    delta: Array, delta_bias: Array | None, delta_softplus: bool, dtype=None
+) -> Array:
+    """delta (+ bias), softplus'd if asked, in `dtype` (default: `compute_dtype` of both).
+
+    Shape unchanged.
+    """
+    dtype = compute_dtype(delta, delta_bias) if dtype is None else dtype
+    delta = delta.astype(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.astype(jnp.float32)
+        delta = delta + delta_bias.astype(dtype)
     if delta_softplus:
         delta = softplus(delta)
     return delta
@@ -113,17 +137,18 @@ def keep_mask(segment_ids: Array | None) -> Array | None:
 
 
 def finish(y: Array, args: ScanArgs) -> Array:
-    """y (float32, without skip) -> y + D*u, gated by silu(z), cast to u's dtype."""
+    """y (compute dtype, without skip) -> y + D*u, gated by silu(z), cast to u's dtype."""
     if args.D is not None:
-        y = y + args.u.astype(jnp.float32) * args.D.astype(jnp.float32)
+        y = y + args.u.astype(y.dtype) * args.D.astype(y.dtype)
     if args.z is not None:
-        y = y * jax.nn.silu(args.z.astype(jnp.float32))
+        y = y * jax.nn.silu(args.z.astype(y.dtype))
     return y.astype(args.u.dtype)
 
 
 def initial_state_or_zeros(args: ScanArgs) -> Array:
+    """The initial state, or zeros (batch, dim, state) in the compute dtype."""
     b, _, d = args.u.shape
     n = args.A.shape[1]
     if args.initial_state is None:
-        return jnp.zeros((b, d, n), jnp.float32)
+        return jnp.zeros((b, d, n), args.compute_dtype)
     return args.initial_state

@@ -12,6 +12,7 @@ from jax import Array
 from jaxtyping import Float
 
 from . import _checks
+from ._scan_common import compute_dtype
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -21,6 +22,8 @@ def _check_common(op: str, x: Array, weight: Array, bias: Array | None, activati
     _checks.check_float(op, "weight", weight)
     dim = x.shape[-1]
     _checks.check_shape(op, "weight", weight, (dim, None), "(dim, width)")
+    if weight.shape[1] < 1:
+        raise ValueError(f"{op}: weight must have width >= 1, got shape {tuple(weight.shape)}")
     if bias is not None:
         _checks.check_float(op, "bias", bias)
         _checks.check_shape(op, "bias", bias, (dim,), "(dim,)")
@@ -30,7 +33,7 @@ def _check_common(op: str, x: Array, weight: Array, bias: Array | None, activati
 
 def _activate(y: Array, bias: Array | None, activation: str | None) -> Array:
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + bias.astype(y.dtype)
     if activation is not None:
         y = jax.nn.silu(y)
     return y
@@ -60,7 +63,8 @@ def causal_conv1d(
       return_final_state: also return the last `width - 1` inputs (batch, width - 1, dim),
         initial state included when length < width - 1, in x's dtype.
 
-    Returns y (batch, length, dim) in x's dtype, computed in float32.
+    Returns y (batch, length, dim) in x's dtype, computed in float32 (float64 when an
+    input is float64).
     """
     op = "causal_conv1d"
     _checks.check_rank(op, "x", x, (3,), "(batch, length, dim)")
@@ -77,12 +81,11 @@ def causal_conv1d(
         _checks.check_same_dtype(op, ("x", "initial_state"), (x, initial_state))
         prev = initial_state
     xp = jnp.concatenate([prev, x], axis=1)
-    w = weight.astype(jnp.float32)
+    dtype = compute_dtype(x, weight, bias)
+    w = weight.astype(dtype)
     # width is small (4 in every released model): a sum of shifted products is
     # exact float32, fast on every backend, and needs no convolution primitive.
-    y = sum(
-        xp[:, k : k + length, :].astype(jnp.float32) * w[:, k] for k in range(width)
-    )
+    y = sum(xp[:, k : k + length, :].astype(dtype) * w[:, k] for k in range(width))
     y = _activate(y, bias, activation).astype(x.dtype)
     if return_final_state:
         return y, xp[:, xp.shape[1] - (width - 1) :, :]
@@ -112,6 +115,7 @@ def causal_conv1d_update(
     )
     _checks.check_same_dtype(op, ("x", "conv_state"), (x, conv_state))
     window = jnp.concatenate([conv_state, x[:, None, :]], axis=1)
-    y = jnp.sum(window.astype(jnp.float32) * weight.astype(jnp.float32).T[None], axis=1)
+    dtype = compute_dtype(x, weight, bias)
+    y = jnp.sum(window.astype(dtype) * weight.astype(dtype).T[None], axis=1)
     y = _activate(y, bias, activation).astype(x.dtype)
     return y, window[:, 1:, :]

@@ -18,11 +18,12 @@ from jax import Array
 from jaxtyping import Float, Int
 
 from . import _checks
+from ._pallas_mosaic import PallasMosaicScan
 from ._pallas_triton import PallasTritonScan
 from ._scan_associative import AssociativeScan
 from ._pallas_tpu import PallasTpuScan
 from ._scan_chunked import ChunkedScan
-from ._scan_common import ScanArgs, ScanImplementation, ScanSpec
+from ._scan_common import ScanArgs, ScanImplementation, ScanSpec, compute_dtype
 from ._scan_reference import ReferenceScan
 
 _OP = "selective_scan"
@@ -104,6 +105,8 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids) -
         _checks.check_float(op, name, x)
     _checks.check_rank(op, "u", u, (3,), "(batch, length, dim)")
     batch, length, dim = u.shape
+    if length < 1:
+        raise ValueError(f"{op}: u must have length >= 1 (axis 1), got shape {tuple(u.shape)}")
     _checks.check_shape(op, "delta", delta, (batch, length, dim), "(batch, length, dim)")
     _checks.check_same_dtype(op, ("u", "delta", "z"), (u, delta, z))
     _checks.check_rank(op, "A", A, (2,), "(dim, state)")
@@ -121,6 +124,8 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids) -
     if B.ndim == 3:
         B, C = B[:, :, None, :], C[:, :, None, :]
     groups = B.shape[2]
+    if groups < 1:
+        raise ValueError(f"{op}: B and C must have at least one group, got shape {tuple(B.shape)}")
     for name, x in (("B", B), ("C", C)):
         _checks.check_shape(
             op, name, x, (batch, length, groups, state), "(batch, length, groups, state)"
@@ -135,7 +140,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids) -
         _checks.check_float(op, "z", z)
         _checks.check_shape(op, "z", z, (batch, length, dim), "(batch, length, dim)")
     if initial_state is not None:
-        _checks.check_dtype(op, "initial_state", initial_state, jnp.float32)
+        # The state's dtype is the arithmetic's: float32, float64 only for float64 inputs.
+        dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        _checks.check_dtype(op, "initial_state", initial_state, dtype)
         _checks.check_shape(
             op, "initial_state", initial_state, (batch, dim, state), "(batch, dim, state)"
         )
@@ -176,8 +183,9 @@ def selective_scan(
       z: gate, (batch, length, dim), u's dtype; the output is multiplied by silu(z).
       delta_bias: added to delta before the softplus, (dim,).
       delta_softplus: apply softplus (identity above 20, as the official kernels do).
-      initial_state: state before the first step, (batch, dim, state), float32. With
-        segment_ids it applies to each row's first segment only.
+      initial_state: state before the first step, (batch, dim, state), float32 (float64
+        when an input is float64). With segment_ids it applies to each row's first
+        segment only.
       return_final_state: also return the state after the last step.
       segment_ids: (batch, length) integers for packed sequences; the state restarts
         from zero wherever the id changes from one step to the next.
@@ -186,7 +194,8 @@ def selective_scan(
 
     Returns:
       y, (batch, length, dim) in u's dtype, and with return_final_state the final
-      state, (batch, dim, state) float32. All arithmetic is float32.
+      state, (batch, dim, state) float32. All arithmetic is float32, or float64 when
+      an input is float64 (never rounded down silently).
     """
     args = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
     chosen = _resolve(impl, ScanSpec.of(args))
@@ -199,3 +208,4 @@ register_implementation(AssociativeScan())
 register_implementation(ChunkedScan(), auto_platforms={"cpu": 5, "gpu": 0, "tpu": 0})
 register_implementation(PallasTpuScan(), auto_platforms={"tpu": 10})
 register_implementation(PallasTritonScan(), auto_platforms={"gpu": 10})
+register_implementation(PallasMosaicScan(), auto_platforms={"gpu": 20})

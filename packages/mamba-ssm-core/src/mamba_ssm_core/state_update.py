@@ -1,7 +1,8 @@
 """The selective-scan recurrence one decoding step at a time, and a few steps at once.
 
 Same semantics as `selective_scan` (softplus threshold, float32 arithmetic and
-state, D skip, z gate); the state is (batch, dim, state) float32.
+state, D skip, z gate); the state is (batch, dim, state) float32, or float64 when
+an input is float64, like `selective_scan`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from jax import Array
 from jaxtyping import Float
 
 from . import _checks
-from ._scan_common import expand_groups, prepare_delta
+from ._scan_common import compute_dtype, expand_groups, prepare_delta
 
 
 def _check_params(op, dim, state_size, A, D, dt_bias):
@@ -33,6 +34,8 @@ def _grouped(op: str, name: str, x: Array, lead: dict[str, int], state_size: int
     if x.ndim == len(lead) + 1:
         x = x[..., None, :]
     groups = x.shape[-2]
+    if groups < 1:
+        raise ValueError(f"{op}: {name} must have at least one group, got shape {tuple(x.shape)}")
     _checks.check_shape(op, name, x, (*lead.values(), groups, state_size),
                         f"({axes}, groups, state)")
     if dim % groups:
@@ -41,19 +44,23 @@ def _grouped(op: str, name: str, x: Array, lead: dict[str, int], state_size: int
 
 
 def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """One step on validated inputs: B, C grouped (batch, groups, state)."""
+    """One step on validated inputs: B, C grouped (batch, groups, state).
+
+    The arithmetic runs in the state's dtype (the compute dtype).
+    """
     dim = x.shape[-1]
-    dt = prepare_delta(dt, dt_bias, dt_softplus)
-    x32 = x.astype(jnp.float32)
-    dA = jnp.exp(dt[..., None] * A.astype(jnp.float32))
-    Bx = expand_groups(B.astype(jnp.float32), dim)
-    Cx = expand_groups(C.astype(jnp.float32), dim)
-    state = dA * state + (dt * x32)[..., None] * Bx
+    dtype = state.dtype
+    dt = prepare_delta(dt, dt_bias, dt_softplus, dtype)
+    xc = x.astype(dtype)
+    dA = jnp.exp(dt[..., None] * A.astype(dtype))
+    Bx = expand_groups(B.astype(dtype), dim)
+    Cx = expand_groups(C.astype(dtype), dim)
+    state = dA * state + (dt * xc)[..., None] * Bx
     y = jnp.sum(state * Cx, axis=-1)
     if D is not None:
-        y = y + x32 * D.astype(jnp.float32)
+        y = y + xc * D.astype(dtype)
     if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y * jax.nn.silu(z.astype(dtype))
     return y.astype(x.dtype), state
 
 
@@ -72,15 +79,15 @@ def selective_state_update(
 ) -> tuple[Float[Array, "batch dim"], Float[Array, "batch dim state"]]:
     """One step of the selective scan.
 
-    state: (batch, dim, state) float32; x, dt, z: (batch, dim); A: (dim, state);
-    B, C: (batch, state) or grouped (batch, groups, state); D, dt_bias: (dim,).
-    Returns (y (batch, dim) in x's dtype, new state (batch, dim, state) float32).
+    state: (batch, dim, state) float32 (float64 when an input is float64); x, dt, z:
+    (batch, dim), dt and z in x's dtype; A: (dim, state); B, C: (batch, state) or
+    grouped (batch, groups, state); D, dt_bias: (dim,).
+    Returns (y (batch, dim) in x's dtype, new state (batch, dim, state) in state's dtype).
     """
     op = "selective_state_update"
     _checks.check_float(op, "x", x)
     _checks.check_rank(op, "x", x, (2,), "(batch, dim)")
     batch, dim = x.shape
-    _checks.check_dtype(op, "state", state, jnp.float32)
     _checks.check_rank(op, "state", state, (3,), "(batch, dim, state)")
     n = state.shape[-1]
     _checks.check_shape(op, "state", state, (batch, dim, n), "(batch, dim, state)")
@@ -92,6 +99,7 @@ def selective_state_update(
     _check_params(op, dim, n, A, D, dt_bias)
     B = _grouped(op, "B", B, {"batch": batch}, n, dim)
     C = _grouped(op, "C", C, {"batch": batch}, n, dim)
+    _checks.check_dtype(op, "state", state, compute_dtype(x, dt, A, B, C, D, z, dt_bias))
     return _step(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
 
 
@@ -121,7 +129,6 @@ def selective_state_update_tokens(
     _checks.check_float(op, "x", x)
     _checks.check_rank(op, "x", x, (3,), "(batch, tokens, dim)")
     batch, tokens, dim = x.shape
-    _checks.check_dtype(op, "state", state, jnp.float32)
     _checks.check_rank(op, "state", state, (3,), "(batch, dim, state)")
     n = state.shape[-1]
     _checks.check_shape(op, "state", state, (batch, dim, n), "(batch, dim, state)")
@@ -133,6 +140,7 @@ def selective_state_update_tokens(
     _check_params(op, dim, n, A, D, dt_bias)
     B = _grouped(op, "B", B, {"batch": batch, "tokens": tokens}, n, dim)
     C = _grouped(op, "C", C, {"batch": batch, "tokens": tokens}, n, dim)
+    _checks.check_dtype(op, "state", state, compute_dtype(x, dt, A, B, C, D, z, dt_bias))
 
     def body(h, xs):
         x_t, dt_t, B_t, C_t, z_t = xs

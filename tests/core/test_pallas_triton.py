@@ -1,0 +1,426 @@
+"""The Triton-backend Pallas kernels (`pallas_triton`) against the float64 oracle and the reference VJP.
+
+Three groups:
+- interpret mode on the CPU (small shapes, slow interpreter): forward against the
+  oracle, every gradient against the VJP of the sequential reference scan;
+- lowering for an abstract "NVIDIA H100" on realistic shapes (runs the real Triton
+  lowering rules on the CPU; ptxas is not run);
+- `@pytest.mark.gpu`: the same checks at realistic shapes on a CUDA GPU. They are
+  deselected in the default run (pyproject addopts `-m "not gpu"`); on the GPU
+  machine run `JAX_PLATFORMS=cuda pytest -m gpu tests/core/test_pallas_triton.py`.
+"""
+
+from __future__ import annotations
+
+import unittest.mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from mamba_ssm_core import (
+    PallasTritonScan,
+    ScanSpec,
+    auto_implementation,
+    implementations,
+    selective_scan,
+)
+from mamba_ssm_core import _pallas_triton as pt
+from tests import oracle
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda pytest -m gpu)"
+)
+
+# Official selective_scan test tolerances (rtol, atol) for y and final state; the
+# gradient factors follow its tests: du x2, d_delta rtol x5 atol x10, dA atol x5.
+TOL = {"float32": (6e-4, 2e-3), "float16": (3e-3, 5e-3), "bfloat16": (3e-2, 5e-2)}
+GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "A": (1, 5)}
+# Relative-error bounds against the float64 oracle (outputs are rounded to the dtype).
+REL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(rng, b, l, d, n, *, groups=None, dtype="float32", segments=True):
+    """Fresh random inputs (numpy float32 except where noted), realistic Mamba ranges."""
+    gshape = (b, l, n) if groups is None else (b, l, groups, n)
+    f = np.float32
+    inp = dict(
+        u=rng.standard_normal((b, l, d)).astype(f),
+        delta=(0.5 * rng.standard_normal((b, l, d))).astype(f),
+        A=-np.exp(rng.uniform(0.0, np.log(16.0), (d, n))).astype(f),
+        B=rng.standard_normal(gshape).astype(f),
+        C=rng.standard_normal(gshape).astype(f),
+        D=rng.standard_normal((d,)).astype(f),
+        z=rng.standard_normal((b, l, d)).astype(f),
+        # Mamba's dt init: softplus^-1 of log-uniform(1e-3, 1e-1)
+        delta_bias=np.log(np.expm1(np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), d)))).astype(f),
+        initial_state=rng.standard_normal((b, d, n)).astype(f),
+    )
+    for k in ("u", "delta", "z", "B", "C"):
+        # round through the dtype so the oracle sees exactly what the kernel sees
+        inp[k] = np.asarray(jnp.asarray(inp[k], dtype).astype(jnp.float32))
+    seg = None
+    if segments:
+        seg = np.cumsum(rng.random((b, l)) < 0.05, axis=1).astype(np.int32)
+    return inp, seg
+
+
+def to_jax(inp, dtype):
+    out = {k: jnp.asarray(v) for k, v in inp.items()}
+    for k in ("u", "delta", "z", "B", "C"):
+        if k in out:
+            out[k] = out[k].astype(dtype)
+    return out
+
+
+def run(impl, x, seg, *, softplus=True):
+    if impl == "reference":
+        # The shared helpers of the reference (prepare_delta, finish) broadcast (dim,)
+        # vectors against (batch, length, dim) implicitly, which the tree's strict
+        # rank promotion rejects; allow it for the reference only.
+        with jax.numpy_rank_promotion("allow"):
+            return _run(impl, x, seg, softplus=softplus)
+    return _run(impl, x, seg, softplus=softplus)
+
+
+def _run(impl, x, seg, *, softplus):
+    return selective_scan(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), z=x.get("z"),
+        delta_bias=x.get("delta_bias"), delta_softplus=softplus,
+        initial_state=x.get("initial_state"),
+        segment_ids=None if seg is None else jnp.asarray(seg),
+        return_final_state=True, impl=impl,
+    )
+
+
+def oracle_of(inp, seg, *, softplus=True):
+    return oracle.selective_scan(
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp.get("D"), z=inp.get("z"),
+        delta_bias=inp.get("delta_bias"), delta_softplus=softplus,
+        initial_state=inp.get("initial_state"), segment_ids=seg,
+    )
+
+
+def grads(impl, x, seg, rng, *, softplus=True):
+    """Gradients of every float input through y and the final state, random cotangents."""
+    names = [k for k in NAMES if x.get(k) is not None]
+    y0, h0 = run(impl, x, seg, softplus=softplus)
+    dy = jnp.asarray(rng.standard_normal(y0.shape), jnp.float32).astype(y0.dtype)
+    dh = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
+
+    def f(*vals):
+        return run(impl, {**x, **dict(zip(names, vals, strict=True))}, seg, softplus=softplus)
+
+    _, vjp = jax.vjp(f, *[x[k] for k in names])
+    return dict(zip(names, vjp((dy, dh)), strict=True))
+
+
+def assert_close(name, got, ref, rtol, atol, rel):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    err = oracle.rel_err(got, ref)
+    assert err < rel, f"{name}: relative error {err:.3g} >= {rel:.3g}"
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol, err_msg=name)
+
+
+def check_grads(gk, gr, dtype, rel):
+    rtol, atol = TOL[dtype]
+    for k in gr:
+        fr, fa = GRAD_FACTORS.get(k, (1, 1))
+        # gradients are summed over length and batch: compare at the scale of each tensor
+        scale = float(np.max(np.abs(np.asarray(jnp.asarray(gr[k], jnp.float32)))))
+        assert_close(f"d{k}", gk[k], gr[k], rtol * fr, atol * fa * max(1.0, scale), rel)
+
+
+def interp(**kw):
+    return PallasTritonScan(interpret=True, **{"block_d": 4, "unroll": 4, "tile_l": 16, **kw})
+
+
+# ----------------------------------------------------------------------------
+# Interpret mode (CPU)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_interpret_forward_all_features(dtype):
+    rng = np.random.default_rng(1)
+    # odd length (not a multiple of the 16-step tile), grouped B/C, 6 channels per
+    # group padded to 8 inside the wrapper, state 5 padded to 8
+    inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2, dtype=dtype)
+    y, h = run(interp(), to_jax(inp, dtype), seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    assert y.dtype == jnp.dtype(dtype) and h.dtype == jnp.float32
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape
+    rtol, atol = TOL[dtype]
+    assert_close("y", y, y_ref, rtol, atol, REL[dtype])
+    assert_close("h", h, h_ref, TOL["float32"][0], TOL["float32"][1], 1e-5)
+
+
+def test_interpret_gradients_all_features():
+    rng = np.random.default_rng(2)
+    inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2)
+    x = to_jax(inp, "float32")
+    gk = grads(interp(), x, seg, np.random.default_rng(3))
+    gr = grads("reference", x, seg, np.random.default_rng(3))
+    assert set(gk) == set(NAMES)
+    check_grads(gk, gr, "float32", 1e-5)
+
+
+def test_interpret_gradients_bfloat16_no_options():
+    """No z, D, bias, softplus, initial state or segments: the None paths, low precision."""
+    rng = np.random.default_rng(4)
+    inp, _ = make_inputs(rng, 1, 21, 8, 4, dtype="bfloat16", segments=False)
+    for k in ("z", "D", "delta_bias", "initial_state"):
+        del inp[k]
+    inp["delta"] = np.abs(inp["delta"])  # no softplus: keep the steps positive
+    x = to_jax(inp, "bfloat16")
+    y, h = run(interp(block_d=8), x, None, softplus=False)
+    y_ref, h_ref = oracle_of(inp, None, softplus=False)
+    assert_close("y", y, y_ref, *TOL["bfloat16"], REL["bfloat16"])
+    assert_close("h", h, h_ref, *TOL["float32"], 1e-5)
+    gk = grads(interp(block_d=8), x, None, np.random.default_rng(5), softplus=False)
+    gr = grads("reference", x, None, np.random.default_rng(5), softplus=False)
+    assert set(gk) == {"u", "delta", "A", "B", "C"}
+    check_grads(gk, gr, "bfloat16", 2e-2)
+
+
+@pytest.mark.parametrize("length", [1, 16, 19])
+def test_interpret_lengths(length):
+    """One step, exactly one tile, and a tile plus a partial sub-tile."""
+    rng = np.random.default_rng(10 + length)
+    # no segments at length 1: the shared keep_mask helper the reference uses returns
+    # a (batch, 0) mask there
+    inp, seg = make_inputs(rng, 1, length, 4, 3, segments=length > 1)
+    x = to_jax(inp, "float32")
+    y, h = run(interp(), x, seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    assert_close("y", y, y_ref, *TOL["float32"], 1e-5)
+    assert_close("h", h, h_ref, *TOL["float32"], 1e-5)
+    gk = grads(interp(), x, seg, np.random.default_rng(6))
+    gr = grads("reference", x, seg, np.random.default_rng(6))
+    check_grads(gk, gr, "float32", 1e-5)
+
+
+@pytest.mark.parametrize("state", [1, 256])
+def test_interpret_state_sizes(state):
+    rng = np.random.default_rng(20 + state)
+    inp, seg = make_inputs(rng, 1, 9, 4, state)
+    x = to_jax(inp, "float32")
+    impl = interp(unroll=2, tile_l=4)
+    y, h = run(impl, x, seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    assert_close("y", y, y_ref, *TOL["float32"], 1e-5)
+    assert_close("h", h, h_ref, *TOL["float32"], 1e-5)
+    gk = grads(impl, x, seg, np.random.default_rng(7))
+    gr = grads("reference", x, seg, np.random.default_rng(7))
+    check_grads(gk, gr, "float32", 1e-5)
+
+
+def test_interpret_backward_reference_switch():
+    """backward="reference" (VJP of the sequential scan) agrees with the kernel backward."""
+    rng = np.random.default_rng(8)
+    inp, seg = make_inputs(rng, 1, 13, 8, 4, groups=4)
+    x = to_jax(inp, "float32")
+    gk = grads(interp(), x, seg, np.random.default_rng(9))
+    gref = grads(interp(backward="reference"), x, seg, np.random.default_rng(9))
+    check_grads(gk, gref, "float32", 1e-5)
+
+
+def test_interpret_under_jit_and_vmap():
+    rng = np.random.default_rng(11)
+    inp, _ = make_inputs(rng, 1, 8, 4, 2, segments=False)
+    x = to_jax(inp, "float32")
+    f = jax.jit(lambda x: run(interp(), x, None)[0])
+    y = jax.vmap(lambda u: f({**x, "u": u}))(jnp.stack([x["u"], x["u"] * 0.5]))
+    for i, scale in enumerate((1.0, 0.5)):
+        y_ref, _ = oracle_of({**inp, "u": inp["u"] * scale}, None)
+        assert_close(f"y[{i}]", y[i], y_ref, *TOL["float32"], 1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Selection and validation (CPU)
+
+
+def spec(**kw):
+    base = dict(batch=2, length=64, dim=32, state=16, groups=1, dtype="float32", has_z=True,
+                has_segments=False)
+    return ScanSpec(**{**base, **kw})
+
+
+def test_registered_and_not_auto_on_cpu():
+    assert "pallas_triton" in implementations()
+    name, _ = auto_implementation(spec(), platform="cpu")
+    assert name != "pallas_triton"
+    why = PallasTritonScan().unsupported(spec(), "cpu")
+    assert why is not None and "CUDA GPU" in why and "interpret=True" in why
+    assert PallasTritonScan(interpret=True).unsupported(spec(), "cpu") is None
+
+
+def test_explicit_request_on_cpu_raises_clearly():
+    rng = np.random.default_rng(12)
+    inp, _ = make_inputs(rng, 1, 4, 4, 2, segments=False)
+    with pytest.raises(ValueError, match="pallas_triton.*CUDA GPU"):
+        run("pallas_triton", to_jax(inp, "float32"), None)
+
+
+def test_unsupported_shapes_have_reasons():
+    impl = PallasTritonScan(interpret=True)
+    assert "256" in impl.unsupported(spec(state=257), "gpu")
+    assert "float64" in impl.unsupported(spec(dtype="float64"), "gpu")
+    with unittest.mock.patch.object(pt, "_cuda_compute_capability", return_value=(7, 5)):
+        assert "8.0" in PallasTritonScan().unsupported(spec(), "gpu")
+    with unittest.mock.patch.object(pt, "_cuda_compute_capability", return_value=(9, 0)):
+        assert PallasTritonScan().unsupported(spec(), "gpu") is None
+        name, why = auto_implementation(spec(state=300), platform="gpu")
+        assert name != "pallas_triton" and "pallas_triton: state size 300" in why
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"block_d": 24}, "block_d must be a power of two"),
+        ({"num_warps": 3}, "num_warps must be"),
+        ({"tile_l": 8, "unroll": 16}, "tile_l .* multiple of unroll"),
+        ({"backward": "autodiff"}, "backward must be one of"),
+        ({"num_stages": 0}, "num_stages"),
+    ],
+)
+def test_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        PallasTritonScan(**kw)
+
+
+def test_kernel_config_pads_and_caps():
+    cfg = PallasTritonScan(block_d=32).kernel_config(
+        spec(dim=12, groups=2, state=5, length=37), softplus=True, has_D=True, has_bias=True,
+        has_h0=False,
+    )
+    # 6 channels a group -> blocks of 8, state 5 -> 8, tile shrunk to the sequence
+    assert (cfg.block_d, cfg.blocks_per_group, cfg.state) == (8, 1, 8)
+    assert cfg.tile * cfg.n_tiles >= 37 and cfg.masked
+
+
+# ----------------------------------------------------------------------------
+# Lowering for an abstract H100 (CPU): the real Triton lowering rules, realistic shapes
+
+
+@pytest.mark.parametrize("dtype, length, state, groups", [
+    ("bfloat16", 2048, 16, None), ("float32", 1000, 64, 4), ("float16", 4096, 256, None),
+])
+def test_lowers_for_h100(dtype, length, state, groups):
+    b, d = 2, 1536
+    S = jax.ShapeDtypeStruct
+    gshape = (b, length, state) if groups is None else (b, length, groups, state)
+    shapes = (S((b, length, d), dtype), S((b, length, d), dtype), S((d, state), jnp.float32),
+              S(gshape, dtype), S(gshape, dtype), S((d,), jnp.float32), S((b, length, d), dtype),
+              S((d,), jnp.float32), S((b, d, state), jnp.float32), S((b, length), jnp.int32))
+
+    def f(u, delta, A, B, C, D, z, bias, h0, seg):
+        return selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True,
+                              initial_state=h0, segment_ids=seg, return_final_state=True,
+                              impl="pallas_triton")
+
+    def fb(*a):
+        out, vjp = jax.vjp(lambda *x: f(*x, a[-1]), *a[:-1])
+        return vjp(out)
+
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100", num_cores=132, platform="cuda"))
+    # The CPU platform would be refused: lift `unsupported` to reach the lowering.
+    with jax.sharding.use_abstract_mesh(mesh), unittest.mock.patch.object(
+        pt.PallasTritonScan, "unsupported", lambda *a: None
+    ):
+        for fn, kernels in ((f, 1), (fb, 2)):
+            text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
+
+
+# ----------------------------------------------------------------------------
+# On the GPU, realistic shapes
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_forward_matches_oracle(dtype):
+    rng = np.random.default_rng(100)
+    inp, seg = make_inputs(rng, 2, 1000, 384, 16, dtype=dtype)
+    y, h = run("pallas_triton", to_jax(inp, dtype), seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    assert_close("y", y, y_ref, *TOL[dtype], REL[dtype])
+    assert_close("h", h, h_ref, *TOL["float32"], 1e-5)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_gradients_match_reference(dtype):
+    """Odd length (the official kernel's padded-tail bug), grouped B/C, every input."""
+    rng = np.random.default_rng(101)
+    inp, seg = make_inputs(rng, 2, 2049, 512, 16, groups=2, dtype=dtype)
+    x = to_jax(inp, dtype)
+    y, h = run("pallas_triton", x, seg)
+    y_r, h_r = run("reference", x, seg)
+    assert_close("y", y, y_r, *TOL[dtype], REL[dtype])
+    assert_close("h", h, h_r, *TOL["float32"], 1e-5)
+    gk = grads("pallas_triton", x, seg, np.random.default_rng(5))
+    gr = grads("reference", x, seg, np.random.default_rng(5))
+    check_grads(gk, gr, dtype, {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}[dtype])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("state", [1, 64, 256])
+def test_gpu_state_sizes(state):
+    rng = np.random.default_rng(102)
+    inp, seg = make_inputs(rng, 1, 300, 96, state)
+    x = to_jax(inp, "float32")
+    y, h = run("pallas_triton", x, seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    assert_close("y", y, y_ref, *TOL["float32"], 1e-5)
+    assert_close("h", h, h_ref, *TOL["float32"], 1e-5)
+    gk = grads("pallas_triton", x, seg, np.random.default_rng(6))
+    gr = grads("reference", x, seg, np.random.default_rng(6))
+    check_grads(gk, gr, "float32", 1e-5)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_backward_is_deterministic_and_auto_picks_a_kernel():
+    rng = np.random.default_rng(103)
+    inp, seg = make_inputs(rng, 2, 1024, 256, 16, dtype="bfloat16")
+    x = to_jax(inp, "bfloat16")
+    g1 = grads("pallas_triton", x, seg, np.random.default_rng(1))
+    g2 = grads("pallas_triton", x, seg, np.random.default_rng(1))
+    for k in g1:
+        np.testing.assert_array_equal(np.asarray(g1[k]), np.asarray(g2[k]), err_msg=k)
+    s = spec(batch=8, length=2048, dim=2048, dtype="bfloat16")
+    assert PallasTritonScan().unsupported(s, "gpu") is None
+    assert auto_implementation(s)[0] != "chunked"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_offsets_past_4gib():
+    """A bf16 tensor over 2**32 bytes: its last batch row must match that row alone."""
+    b, l, d, n = 17, 8192, 16384, 16  # 2.28e9 elements a tensor
+    keys = jax.random.split(jax.random.key(0), 6)
+    bf = jnp.bfloat16
+    u = jax.random.normal(keys[0], (b, l, d), bf)
+    delta = (0.5 * jax.random.normal(keys[1], (b, l, d), jnp.float32) - 2).astype(bf)
+    A = -jnp.exp(jax.random.uniform(keys[2], (d, n), jnp.float32, 0.0, 2.7))
+    B = jax.random.normal(keys[3], (b, l, n), bf)
+    C = jax.random.normal(keys[4], (b, l, n), bf)
+    z = jax.random.normal(keys[5], (b, l, d), bf)
+    f = jax.jit(lambda u, delta, B, C, z: selective_scan(
+        u, delta, A, B, C, z=z, delta_softplus=True, return_final_state=True,
+        impl="pallas_triton"))
+    y, h = f(u, delta, B, C, z)
+    last = slice(b - 1, b)
+    y1, h1 = f(u[last], delta[last], B[last], C[last], z[last])
+    np.testing.assert_array_equal(np.asarray(y[last, -64:].astype(jnp.float32)),
+                                  np.asarray(y1[:, -64:].astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(h[last]), np.asarray(h1))

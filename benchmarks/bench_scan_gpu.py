@@ -244,7 +244,7 @@ SWEEP_BWD = [
 
 def run_sweep(ns, rec: Recorder, bw: float):
     b, n, l, d = ns.batch, ns.state, 2048, 2048
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ns.sweep_dtypes.split(","):
         args, dy = make_inputs(jax.random.key(7), b, l, d, n, jnp.dtype(dtype))
         nbytes = min_bytes(b, l, d, n, jnp.dtype(dtype).itemsize)
         base = measure(m.PallasTritonScan(), args, dy, do_bwd=False)
@@ -323,6 +323,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="time pallas_triton configurations")
+    p.add_argument("--sweep-dtypes", default="bfloat16")
     p.add_argument("--no-table", action="store_true")
     p.add_argument("--e2e", action="store_true", help="mamba-130m prefill and decode figures")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for bench.jsonl")

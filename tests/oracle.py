@@ -84,3 +84,29 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None):
     if activation in ("silu", "swish"):
         y = silu(y)
     return y, xp[:, xp.shape[1] - (width - 1) :, :]
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=False
+):
+    """One decoding step of the recurrence: returns (y (b, d), new state (b, d, n)) in float64.
+
+    state: (b, d, n); x, dt, z: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,).
+    """
+    f = lambda v: None if v is None else np.asarray(v, np.float64)
+    state, x, dt, A, B, C, D, z = map(f, (state, x, dt, A, B, C, D, z))
+    d = x.shape[-1]
+    if B.ndim == 2:
+        B, C = B[:, None, :], C[:, None, :]
+    group_of = np.arange(d) // (d // B.shape[1])
+    if dt_bias is not None:
+        dt = dt + f(dt_bias)
+    if dt_softplus:
+        dt = softplus(dt)
+    h = np.exp(dt[:, :, None] * A) * state + (dt * x)[:, :, None] * B[:, group_of]
+    y = np.sum(h * C[:, group_of], axis=-1)
+    if D is not None:
+        y = y + x * D
+    if z is not None:
+        y = y * silu(z)
+    return y, h

@@ -55,7 +55,9 @@ def check_shape(op: str, name: str, x, expected: Sequence[int | None], layout: s
         e is None or e == s for e, s in zip(expected, shape, strict=False)
     )
     if not ok:
-        want = _fmt_shape("?" if e is None else e for e in expected)
+        # A tuple, not a generator: _fmt_shape's Sequence annotation is checked under
+        # the jaxtyping hook, and a generator there would hide this error behind its own.
+        want = _fmt_shape(tuple("?" if e is None else e for e in expected))
         raise ValueError(
             f"{op}: {name} must have shape {layout} = {want}, got {_fmt_shape(shape)}"
         )

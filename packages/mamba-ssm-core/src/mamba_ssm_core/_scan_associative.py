@@ -20,6 +20,7 @@ from ._scan_common import (
     expand_groups,
     finish,
     keep_mask,
+    lead,
     prepare_delta,
 )
 
@@ -40,7 +41,7 @@ def discretise(
     B: (batch, length, groups, state); keep: (batch, length) bool or None (False
     zeroes the decay: a state reset).
     """
-    dA = jnp.exp(delta[..., None] * A.astype(delta.dtype))
+    dA = jnp.exp(delta[..., None] * lead(A.astype(delta.dtype), delta.ndim + 1))
     if keep is not None:
         dA = jnp.where(keep[:, :, None, None], dA, 0.0)
     dBu = (delta * u)[..., None] * expand_groups(B.astype(delta.dtype), u.shape[-1])

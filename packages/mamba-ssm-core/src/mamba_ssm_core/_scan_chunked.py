@@ -73,12 +73,14 @@ class ChunkedScan(ScanImplementation):
     unroll: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"ChunkedScan: chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        for field in ("chunk_size", "unroll"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"ChunkedScan: {field} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"ChunkedScan: {field} must be >= 1, got {value}")
         if self.inner not in _INNER:
             raise ValueError(f"ChunkedScan: inner must be one of {_INNER}, got {self.inner!r}")
-        if not isinstance(self.unroll, int) or self.unroll < 1:
-            raise ValueError(f"ChunkedScan: unroll must be an int >= 1, got {self.unroll!r}")
 
     def unsupported(self, spec: ScanSpec, platform: str) -> str | None:
         del spec, platform

@@ -100,6 +100,12 @@ def compute_dtype(*xs: Array | None) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
+def lead(x: Array, ndim: int) -> Array:
+    """`x` with leading unit axes up to rank `ndim`: explicit broadcasting, which
+    keeps the ops valid under `jax_numpy_rank_promotion="raise"`."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
 def softplus(x: Array) -> Array:
     """softplus with the official threshold: identity above 20."""
     return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
@@ -115,7 +121,7 @@ def prepare_delta(
     dtype = compute_dtype(delta, delta_bias) if dtype is None else dtype
     delta = delta.astype(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.astype(dtype)
+        delta = delta + lead(delta_bias.astype(dtype), delta.ndim)
     if delta_softplus:
         delta = softplus(delta)
     return delta
@@ -133,13 +139,15 @@ def keep_mask(segment_ids: Array | None) -> Array | None:
     if segment_ids is None:
         return None
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return jnp.concatenate([jnp.ones_like(same[:, :1]), same], axis=1)
+    # Not ones_like(same[:, :1]): at length 1 `same` is empty and so would be that slice.
+    first = jnp.ones((segment_ids.shape[0], 1), jnp.bool_)
+    return jnp.concatenate([first, same], axis=1)
 
 
 def finish(y: Array, args: ScanArgs) -> Array:
     """y (compute dtype, without skip) -> y + D*u, gated by silu(z), cast to u's dtype."""
     if args.D is not None:
-        y = y + args.u.astype(y.dtype) * args.D.astype(y.dtype)
+        y = y + args.u.astype(y.dtype) * lead(args.D.astype(y.dtype), y.ndim)
     if args.z is not None:
         y = y * jax.nn.silu(args.z.astype(y.dtype))
     return y.astype(args.u.dtype)

@@ -20,6 +20,7 @@ from ._scan_common import (
     finish,
     initial_state_or_zeros,
     keep_mask,
+    lead,
     prepare_delta,
 )
 
@@ -42,7 +43,7 @@ def steps_time_major(
     """
     dim = u.shape[-1]
     dtype = h0.dtype
-    A = A.astype(dtype)
+    A = lead(A.astype(dtype), h0.ndim)
 
     def step(h, xs):
         delta_t, u_t, B_t, C_t, keep_t = xs

@@ -12,7 +12,7 @@ from jax import Array
 from jaxtyping import Float
 
 from . import _checks
-from ._scan_common import compute_dtype
+from ._scan_common import compute_dtype, lead
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -33,7 +33,7 @@ def _check_common(op: str, x: Array, weight: Array, bias: Array | None, activati
 
 def _activate(y: Array, bias: Array | None, activation: str | None) -> Array:
     if bias is not None:
-        y = y + bias.astype(y.dtype)
+        y = y + lead(bias.astype(y.dtype), y.ndim)
     if activation is not None:
         y = jax.nn.silu(y)
     return y
@@ -85,7 +85,7 @@ def causal_conv1d(
     w = weight.astype(dtype)
     # width is small (4 in every released model): a sum of shifted products is
     # exact float32, fast on every backend, and needs no convolution primitive.
-    y = sum(xp[:, k : k + length, :].astype(dtype) * w[:, k] for k in range(width))
+    y = sum(xp[:, k : k + length, :].astype(dtype) * w[None, None, :, k] for k in range(width))
     y = _activate(y, bias, activation).astype(x.dtype)
     if return_final_state:
         return y, xp[:, xp.shape[1] - (width - 1) :, :]

@@ -13,7 +13,7 @@ from jax import Array
 from jaxtyping import Float
 
 from . import _checks
-from ._scan_common import compute_dtype, expand_groups, prepare_delta
+from ._scan_common import compute_dtype, expand_groups, lead, prepare_delta
 
 
 def _check_params(op, dim, state_size, A, D, dt_bias):
@@ -52,13 +52,13 @@ def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     dtype = state.dtype
     dt = prepare_delta(dt, dt_bias, dt_softplus, dtype)
     xc = x.astype(dtype)
-    dA = jnp.exp(dt[..., None] * A.astype(dtype))
+    dA = jnp.exp(dt[..., None] * lead(A.astype(dtype), state.ndim))
     Bx = expand_groups(B.astype(dtype), dim)
     Cx = expand_groups(C.astype(dtype), dim)
     state = dA * state + (dt * xc)[..., None] * Bx
     y = jnp.sum(state * Cx, axis=-1)
     if D is not None:
-        y = y + xc * D.astype(dtype)
+        y = y + xc * lead(D.astype(dtype), xc.ndim)
     if z is not None:
         y = y * jax.nn.silu(z.astype(dtype))
     return y.astype(x.dtype), state

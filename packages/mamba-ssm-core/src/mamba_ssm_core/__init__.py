@@ -17,10 +17,54 @@ from .sharding import sharded_selective_scan as sharded_selective_scan
 from .state_update import selective_state_update as selective_state_update
 from .state_update import selective_state_update_tokens as selective_state_update_tokens
 from .tokenizer import ByteTokenizer as ByteTokenizer
+from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import load_pretrained as load_pretrained
+from .checkpoint import save_pretrained as save_pretrained
+from .config import ConfigError as ConfigError
+from .config import MambaConfig as MambaConfig
+from .model import MambaCache as MambaCache
+from .model import MixerState as MixerState
+from .model import backbone as backbone
+from .model import decode_step as decode_step
+from .model import forward as forward
+from .model import init_cache as init_cache
+from .model import layer_params as layer_params
+from .model import lm_head as lm_head
+from .model import mixer as mixer
+from .model import residual_block as residual_block
+from .model import rms_norm as rms_norm
+from .params import ParamsError as ParamsError
+from .params import abstract_params as abstract_params
+from .params import cast_params as cast_params
+from .params import check_params as check_params
+from .params import init_params as init_params
+from .params import param_shapes as param_shapes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "load_pretrained",
+    "save_pretrained",
+    "ConfigError",
+    "MambaConfig",
+    "MambaCache",
+    "MixerState",
+    "backbone",
+    "decode_step",
+    "forward",
+    "init_cache",
+    "layer_params",
+    "lm_head",
+    "mixer",
+    "residual_block",
+    "rms_norm",
+    "ParamsError",
+    "abstract_params",
+    "cast_params",
+    "check_params",
+    "init_params",
+    "param_shapes",
     "AssociativeScan",
     "ByteTokenizer",
     "ChunkedScan",

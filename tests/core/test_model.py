@@ -1,0 +1,227 @@
+"""The functional Mamba LM: logits against transformers, the layer pieces, dtypes, init, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_ssm_core import (
+    MambaConfig,
+    ParamsError,
+    abstract_params,
+    backbone,
+    forward,
+    init_cache,
+    init_params,
+    layer_params,
+    lm_head,
+    load_pretrained,
+    param_shapes,
+    residual_block,
+    rms_norm,
+)
+from mamba_ssm_core.params import flatten
+from tests.oracle import rel_err
+
+TINY = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+                   conv_kernel=4, time_step_rank=3, use_bias=False, use_conv_bias=True,
+                   layer_norm_epsilon=1e-5, residual_in_fp32=True, tie_word_embeddings=True)
+
+
+# One compiled program per (config, shapes, impl, dtype) instead of eager op-by-op calls.
+fwd = jax.jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
+
+
+def _ids(config, batch, length, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length)),
+                       jnp.int32)
+
+
+# ---------------------------------------------------------------------------- ground truth
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("variant", ["small", "odd", "fp16_residual"])
+def test_logits_match_transformers(variant):
+    from tests.hf_checkpoints import cached_checkpoint, hf_logits
+
+    path, model = cached_checkpoint(variant)
+    config, params = load_pretrained(path)
+    ids = _ids(config, 3, 13, seed=1)
+    ref = hf_logits(model, ids)
+    out = fwd(params, config, ids)
+    assert out.dtype == jnp.float32 and out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.torch
+def test_every_scan_implementation_gives_the_same_logits():
+    from tests.hf_checkpoints import cached_checkpoint, hf_logits
+
+    path, model = cached_checkpoint("odd")
+    config, params = load_pretrained(path)
+    ids = _ids(config, 2, 21, seed=2)
+    ref = hf_logits(model, ids)
+    for impl in ("reference", "associative", "chunked"):
+        out = fwd(params, config, ids, impl=impl)
+        assert rel_err(out, ref) < 1e-4, impl
+
+
+# ---------------------------------------------------------------------------- structure
+
+
+def test_layer_pieces_compose_to_the_backbone():
+    """What an adapter does with the pieces (embedding, residual_block per layer, final
+    norm, lm_head) is the model."""
+    config = dataclasses.replace(TINY, use_bias=True, num_hidden_layers=3)
+    params = init_params(jax.random.key(0), config)
+    ids = _ids(config, 2, 7)
+
+    @jax.jit
+    def by_pieces(params, ids):
+        hidden = params["backbone"]["embeddings"]["weight"][ids]
+        residual = None
+        for i in range(config.num_hidden_layers):
+            hidden, residual, state = residual_block(layer_params(params, i), config, hidden,
+                                                     residual)
+            assert state is None
+        out = rms_norm(residual + hidden, params["backbone"]["norm_f"]["weight"],
+                       config.layer_norm_epsilon)
+        return out, lm_head(params, config, out)
+
+    @jax.jit
+    def whole(params, ids):
+        embeds = params["backbone"]["embeddings"]["weight"][ids]
+        return (backbone(params, config, ids), forward(params, config, ids),
+                forward(params, config, inputs_embeds=embeds))
+
+    hidden, logits = by_pieces(params, ids)
+    ref_hidden, ref_logits, from_embeds = whole(params, ids)
+    np.testing.assert_allclose(hidden, ref_hidden, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(from_embeds, ref_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    """The layers run in one lax.scan: 48 layers trace to the same program as 2."""
+    def n_eqns(layers):
+        config = dataclasses.replace(TINY, num_hidden_layers=layers)
+        params = abstract_params(config)
+        ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda p, i: forward(p, config, i))(params, ids)
+        return len(str(jaxpr).splitlines())
+
+    assert n_eqns(48) == n_eqns(2)
+
+
+def test_bfloat16_compute_keeps_the_ssm_in_float32():
+    config = TINY
+    params = init_params(jax.random.key(1), config)
+    ids = _ids(config, 2, 9)
+    ref = fwd(params, config, ids)
+    logits, cache = jax.jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
+        params, ids, init_cache(config, 2, jnp.bfloat16))
+    assert logits.dtype == jnp.float32 and cache.ssm_state.dtype == jnp.float32
+    assert cache.conv_state.dtype == jnp.bfloat16
+    assert rel_err(logits, ref) < 3e-2
+    # bfloat16 parameters (A_log, D, dt bias kept float32) compute in bfloat16 by default
+    bf16 = init_params(jax.random.key(1), config, dtype=jnp.bfloat16)
+    flat = flatten(bf16)
+    for path, leaf in flat.items():
+        want = jnp.float32 if path.endswith(("A_log", ".D", "dt_proj.bias")) else jnp.bfloat16
+        assert leaf.dtype == want, path
+    assert rel_err(fwd(bf16, config, ids), ref) < 5e-2
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_residual_dtype_follows_the_config(residual_in_fp32):
+    config = dataclasses.replace(TINY, residual_in_fp32=residual_in_fp32)
+    params = init_params(jax.random.key(2), config)
+    hidden = jnp.ones((1, 3, config.hidden_size), jnp.bfloat16)
+    out, residual, _ = residual_block(layer_params(params, 0), config, hidden, None)
+    assert out.dtype == jnp.bfloat16
+    assert residual.dtype == (jnp.float32 if residual_in_fp32 else jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------- init
+
+
+def test_init_params_follows_the_official_recipe():
+    config = dataclasses.replace(TINY, hidden_size=64, state_size=8, num_hidden_layers=4,
+                                 vocab_size=4000, time_step_rank=4, use_bias=True,
+                                 tie_word_embeddings=False)
+    params = init_params(jax.random.key(3), config)
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    assert {k: v.shape for k, v in flat.items()} == param_shapes(config)
+    L, H, I, N, K, R = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                        config.state_size, config.conv_kernel, config.time_step_rank)
+    mixer = "backbone.layers.mixer."
+    np.testing.assert_allclose(flat[mixer + "A_log"], np.broadcast_to(np.log(np.arange(1, N + 1)),
+                                                                      (L, I, N)), rtol=1e-6)
+    np.testing.assert_array_equal(flat[mixer + "D"], 1.0)
+    dt = np.log1p(np.exp(flat[mixer + "dt_proj.bias"].astype(np.float64)))
+    assert dt.min() >= config.time_step_min * (1 - 1e-4)
+    assert dt.max() <= config.time_step_max * (1 + 1e-4)
+    assert np.log(dt).std() > 0.5 * (math.log(0.1) - math.log(0.001)) / math.sqrt(12)  # log-uniform
+    assert abs(flat["backbone.embeddings.weight"].std() - 0.02) < 0.002
+    bound = 1 / math.sqrt(I) / math.sqrt(L)  # kaiming bound, rescaled by 1/sqrt(n_layer)
+    out = flat[mixer + "out_proj.weight"]
+    assert np.abs(out).max() <= bound and np.abs(out).max() > 0.9 * bound
+    assert np.abs(flat[mixer + "in_proj.weight"]).max() <= 1 / math.sqrt(H)
+    assert np.abs(flat[mixer + "dt_proj.weight"]).max() <= R**-0.5
+    assert np.abs(flat[mixer + "conv1d.bias"]).max() <= 1 / math.sqrt(K)
+    for name in ("in_proj.bias", "out_proj.bias"):
+        np.testing.assert_array_equal(flat[mixer + name], 0.0)
+    np.testing.assert_array_equal(flat["backbone.norm_f.weight"], 1.0)
+    assert not np.array_equal(flat["lm_head.weight"], flat["backbone.embeddings.weight"])
+    # layers are drawn independently
+    assert not np.array_equal(flat[mixer + "in_proj.weight"][0], flat[mixer + "in_proj.weight"][1])
+
+
+def test_init_floors_dt_and_skips_the_rescale_when_asked():
+    config = dataclasses.replace(TINY, time_step_min=1e-6, time_step_max=2e-6,
+                                 rescale_prenorm_residual=False, time_step_init_scheme="constant")
+    params = init_params(jax.random.key(4), config)
+    m = params["backbone"]["layers"]["mixer"]
+    dt = np.log1p(np.exp(np.asarray(m["dt_proj"]["bias"], np.float64)))
+    np.testing.assert_allclose(dt, config.time_step_floor, rtol=1e-3)
+    np.testing.assert_allclose(m["dt_proj"]["weight"], config.time_step_rank**-0.5, rtol=1e-6)
+    bound = 1 / math.sqrt(config.intermediate_size)
+    assert np.abs(np.asarray(m["out_proj"]["weight"])).max() > bound / math.sqrt(2)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_params_list_every_problem():
+    params = init_params(jax.random.key(5), TINY)
+    layers = params["backbone"]["layers"]
+    del layers["mixer"]["D"]
+    layers["mixer"]["x_proj"]["weight"] = layers["mixer"]["x_proj"]["weight"][:, :, :-1]
+    params["extra"] = {"weight": jnp.zeros(3)}
+    with pytest.raises(ParamsError) as info:
+        forward(params, TINY, _ids(TINY, 1, 4))
+    msg = str(info.value)
+    assert "3 problems" in msg
+    assert "missing backbone.layers.mixer.D: expected shape (2, 32)" in msg
+    assert "shape mismatch backbone.layers.mixer.x_proj.weight: expected (2, 11, 32), got (2, 11, 31)" in msg
+    assert "unexpected extra.weight" in msg
+
+
+def test_bad_inputs_are_refused():
+    params = init_params(jax.random.key(6), TINY)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=50\), got values in \[0, 50\]"):
+        forward(params, TINY, jnp.array([[0, 50]], jnp.int32))
+    with pytest.raises(Exception, match="input_ids"):
+        forward(params, TINY, jnp.zeros((4,), jnp.int32))
+    with pytest.raises(TypeError, match="conv_state has dtype float32 but the compute dtype is bfloat16"):
+        forward(params, TINY, _ids(TINY, 1, 3), dtype=jnp.bfloat16, cache=init_cache(TINY, 1))
+    with pytest.raises(ValueError, match=r"cache.conv_state must have shape .* = \(2, 2, 3, 32\) for this config and batch 2, got \(2, 1, 3, 32\)"):
+        forward(params, TINY, _ids(TINY, 2, 3), cache=init_cache(TINY, 1))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        forward(params, TINY)

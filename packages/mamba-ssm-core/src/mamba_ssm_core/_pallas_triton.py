@@ -95,6 +95,9 @@ class _Kernel:
     has_bias: bool
     has_keep: bool
     has_h0: bool
+    prefetch: bool  # forward: load the next sub-tile's rows before computing this one
+    bwd_prefetch: bool
+    keep_decay: bool  # backward: keep a sub-tile's decays in registers (else recompute)
     backward: str
     interpret: bool
 
@@ -106,11 +109,17 @@ class _Kernel:
 
 # ----------------------------------------------------------------------------
 # Pieces shared by the kernel bodies. `t` is a traced int32 step index.
+#
+# Every sub-tile first loads all its rows, then computes, then stores: a load
+# issued after a store cannot be moved above it (the refs may alias), so loads
+# interleaved with the stores would cost one memory round trip per step. With
+# `prefetch` the next sub-tile's rows are loaded before this one is computed and
+# carried through the loop, which hides the round trip behind the arithmetic.
 
 
-def _row(ref, t, cfg: _Kernel):
+def _row(ref, t, cfg: _Kernel, clamp: bool = False):
     """Row t of a (length, ...) ref; past the end it reads the last row (masked by the caller)."""
-    if cfg.masked:
+    if cfg.masked or clamp:
         t = jnp.minimum(t, cfg.length - 1)
     return ref[t]
 
@@ -123,12 +132,18 @@ def _store_row(ref, t, val, cfg: _Kernel):
         ref[t] = val
 
 
-def _delta_step(dt_ref, bias, t, cfg: _Kernel):
-    """(raw delta + bias, delta after softplus) for step t, (block_d,) float32 each.
+def _load_rows(ins, t0, count: int, names, cfg: _Kernel, clamp: bool):
+    """[{name: row t0 + k}] for k < count: every load of a sub-tile, issued together."""
+    return [{n: _row(ins[n], t0 + k, cfg, clamp) for n in names if ins[n] is not None}
+            for k in range(count)]
+
+
+def _delta(row, bias, t, cfg: _Kernel):
+    """(raw delta + bias, delta after softplus), (block_d,) float32 each.
 
     Past the end of the sequence delta is 0, which makes the step the identity map.
     """
-    x = _row(dt_ref, t, cfg).astype(_F32)
+    x = row["dt"].astype(_F32)
     if bias is not None:
         x = x + bias
     dt = x
@@ -141,11 +156,11 @@ def _delta_step(dt_ref, bias, t, cfg: _Kernel):
     return x, dt
 
 
-def _decay(dt, A2, keep_ref, t, cfg: _Kernel):
+def _decay(dt, A2, row, t, cfg: _Kernel):
     """exp(delta * A) as exp2(delta * A * log2(e)), zeroed where the segment restarts."""
     dA = jnp.exp2(dt[None, :] * A2)
     if cfg.has_keep:
-        keep = _row(keep_ref, t, cfg)
+        keep = row["keep"]
         if cfg.masked:
             keep = jnp.where(t < cfg.length, keep, 1)
         dA = dA * keep.astype(_F32)
@@ -173,6 +188,13 @@ def _input_names(cfg: _Kernel):
     )
 
 
+def _barrier(cfg: _Kernel):
+    # Orders the workspace's global-memory writes and reads between the program's
+    # threads. The interpreter runs one program at a time and has no barrier rule.
+    if not cfg.interpret:
+        plt.debug_barrier()
+
+
 # ----------------------------------------------------------------------------
 # Forward kernel.
 
@@ -181,42 +203,55 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
     ins, rest = _unpack(refs, (*_input_names(cfg), ("h0", cfg.has_h0)))
     y_ref, hlast_ref, *ck = rest
     ck_ref = ck[0] if save else None
-    bd = cfg.block_d
+    K = cfg.unroll
+    n_sub = cfg.tile // K
+    names = ("u", "dt", "z", "B", "C", "keep")
 
     A2 = ins["A"][...] * _LOG2E  # (state, bd) float32, pre-scaled for exp2
     D = ins["D"][...] if cfg.has_D else None
     bias = ins["bias"][...] if cfg.has_bias else None
 
-    def step(t, h):
-        _, dt = _delta_step(ins["dt"], bias, t, cfg)
-        u = _row(ins["u"], t, cfg).astype(_F32)
-        B = _row(ins["B"], t, cfg).astype(_F32)
-        C = _row(ins["C"], t, cfg).astype(_F32)
-        dA = _decay(dt, A2, ins["keep"], t, cfg)
-        h = dA * h + (dt * u)[None, :] * B[:, None]
-        y = jnp.sum(h * C[:, None], axis=0)
-        if D is not None:
-            y = y + D * u
-        if cfg.has_z:
-            z = _row(ins["z"], t, cfg).astype(_F32)
-            y = y * (z / (1.0 + jnp.exp(-z)))
-        _store_row(y_ref, t, y.astype(y_ref.dtype), cfg)
+    def load(s):
+        return _load_rows(ins, s * K, K, names, cfg, clamp=cfg.prefetch)
+
+    def compute(s, rows, h):
+        ys = []
+        for k, r in enumerate(rows):
+            t = s * K + k
+            _, dt = _delta(r, bias, t, cfg)
+            u = r["u"].astype(_F32)
+            dA = _decay(dt, A2, r, t, cfg)
+            h = dA * h + (dt * u)[None, :] * r["B"].astype(_F32)[:, None]
+            y = jnp.sum(h * r["C"].astype(_F32)[:, None], axis=0)
+            if D is not None:
+                y = y + D * u
+            if cfg.has_z:
+                z = r["z"].astype(_F32)
+                y = y * (z / (1.0 + jnp.exp(-z)))
+            ys.append(y)
+        for k, y in enumerate(ys):
+            _store_row(y_ref, s * K + k, y.astype(y_ref.dtype), cfg)
         return h
 
-    def tile(c, h):
+    def body(s, carry):
+        if cfg.prefetch:
+            h, rows = carry
+            nxt = load(s + 1)
+        else:
+            h, rows = carry, load(s)
         if ck_ref is not None:
-            ck_ref[c] = h
+            # lax.rem/div: jnp's % and // lower to compositions Triton rejects
+            @pl.when(jax.lax.rem(s, n_sub) == 0)
+            def _():
+                ck_ref[jax.lax.div(s, n_sub)] = h
 
-        def sub(m, h):
-            t0 = c * cfg.tile + m * cfg.unroll
-            for k in range(cfg.unroll):  # unrolled: the loads of a sub-tile issue together
-                h = step(t0 + k, h)
-            return h
+        h = compute(s, rows, h)
+        return (h, nxt) if cfg.prefetch else h
 
-        return jax.lax.fori_loop(0, cfg.tile // cfg.unroll, sub, h)
-
-    h = ins["h0"][...] if cfg.has_h0 else jnp.zeros((cfg.state, bd), _F32)
-    hlast_ref[...] = jax.lax.fori_loop(0, cfg.n_tiles, tile, h)
+    h = ins["h0"][...] if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
+    init = (h, load(0)) if cfg.prefetch else h
+    out = jax.lax.fori_loop(0, cfg.n_tiles * n_sub, body, init)
+    hlast_ref[...] = out[0] if cfg.prefetch else out
 
 
 def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
@@ -287,42 +322,70 @@ def _bwd_kernel(cfg: _Kernel, *refs):
     dbias_ref = rest.pop(0) if cfg.has_bias else None
     K = cfg.bwd_unroll
     n_sub = cfg.tile // K
+    n_all = cfg.n_tiles * n_sub
     bd, N = cfg.bwd_block_d, cfg.state
+    fill_names = ("u", "dt", "B", "keep")
+    all_names = ("u", "dt", "z", "dy", "B", "C", "keep")
 
     A2 = ins["A"][...] * _LOG2E
     D = ins["D"][...] if cfg.has_D else None
     bias = ins["bias"][...] if cfg.has_bias else None
 
-    def advance(t, h):
-        """One forward step from h; returns (new state, raw delta, delta, u)."""
-        x, dt = _delta_step(ins["dt"], bias, t, cfg)
-        u = _row(ins["u"], t, cfg).astype(_F32)
-        B = _row(ins["B"], t, cfg).astype(_F32)
-        h = _decay(dt, A2, ins["keep"], t, cfg) * h + (dt * u)[None, :] * B[:, None]
-        return h, x, dt, u
+    def advance(r, t, h):
+        """One forward step from h: (new state, decay, raw delta, delta, u)."""
+        x, dt = _delta(r, bias, t, cfg)
+        u = r["u"].astype(_F32)
+        dA = _decay(dt, A2, r, t, cfg)
+        return dA * h + (dt * u)[None, :] * r["B"].astype(_F32)[:, None], dA, x, dt, u
 
-    def back(t, h_prev, h, x, dt, u, carry):
-        """Adjoint of step t. carry: (gradient reaching h_t from later steps, dA, dD, dbias sums)."""
-        g_next, acc_A, acc_D, acc_bias = carry
-        B = _row(ins["B"], t, cfg).astype(_F32)
-        C = _row(ins["C"], t, cfg).astype(_F32)
-        dA = _decay(dt, A2, ins["keep"], t, cfg)
-        dy = _row(ins["dy"], t, cfg).astype(_F32)
+    def fill(c):
+        """States entering each sub-tile of tile c, into this program's workspace."""
+        _barrier(cfg)  # the previous tile's reads of the workspace are done
+
+        def load(m):
+            return _load_rows(ins, (c * n_sub + m) * K, K, fill_names, cfg, cfg.bwd_prefetch)
+
+        def body(m, carry):
+            if cfg.bwd_prefetch:
+                h, rows = carry
+                nxt = load(m + 1)
+            else:
+                h, rows = carry, load(m)
+            ws_ref[m] = h
+            for k, r in enumerate(rows):
+                h = advance(r, (c * n_sub + m) * K + k, h)[0]
+            return (h, nxt) if cfg.bwd_prefetch else h
+
+        h = ins["ck"][c]
+        out = jax.lax.fori_loop(0, n_sub - 1, body, (h, load(0)) if cfg.bwd_prefetch else h)
+        ws_ref[n_sub - 1] = out[0] if cfg.bwd_prefetch else out
+        _barrier(cfg)
+
+    def back(r, t, h_prev, h, dA, x, dt, u, acc):
+        """Adjoint of step t. acc: (gradient reaching h_t from later steps, dA, dD, dbias sums).
+
+        Returns (acc, output rows)."""
+        g_next, acc_A, acc_D, acc_bias = acc
+        B = r["B"].astype(_F32)
+        C = r["C"].astype(_F32)
+        if dA is None:
+            dA = _decay(dt, A2, r, t, cfg)
+        dy = r["dy"].astype(_F32)
+        out = {}
         if cfg.has_z:
-            z = _row(ins["z"], t, cfg).astype(_F32)
+            z = r["z"].astype(_F32)
             sig = 1.0 / (1.0 + jnp.exp(-z))
             y_pre = jnp.sum(h * C[:, None], axis=0)
             if D is not None:
                 y_pre = y_pre + D * u
-            dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
-            _store_row(dz_ref, t, dz.astype(dz_ref.dtype), cfg)
+            out["dz"] = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
             dy = dy * z * sig
         if cfg.masked:
             dy = jnp.where(t < cfg.length, dy, 0.0)
         g = g_next + C[:, None] * dy[None, :]  # total gradient of h_t
         gB = jnp.sum(g * B[:, None], axis=0)
         g_dA_h = g * dA * h_prev
-        # d h_t / d delta = A dA h_{t-1} + u B; A = A2 / log2(e)
+        # d h_t / d delta = A dA h_{t-1} + u B, with A = A2 / log2(e)
         ddt = u * gB + jnp.sum(A2 * g_dA_h, axis=0) * (1.0 / _LOG2E)
         du = dt * gB
         if D is not None:
@@ -333,48 +396,51 @@ def _bwd_kernel(cfg: _Kernel, *refs):
             ddt = jnp.where(x > SOFTPLUS_THRESHOLD, ddt, ddt / (1.0 + jnp.exp(-x)))
         if cfg.has_bias:
             acc_bias = acc_bias + (jnp.where(t < cfg.length, ddt, 0.0) if cfg.masked else ddt)
-        _store_row(du_ref, t, du.astype(du_ref.dtype), cfg)
-        _store_row(ddt_ref, t, ddt.astype(ddt_ref.dtype), cfg)
+        out["du"], out["ddt"] = du, ddt
         # Partial sums over this block's channels; rows past the end are sliced off outside.
-        dB_ref[t] = jnp.sum(g * (dt * u)[None, :], axis=1)
-        dC_ref[t] = jnp.sum(h * dy[None, :], axis=1)
-        return g * dA, acc_A, acc_D, acc_bias
+        out["dB"] = jnp.sum(g * (dt * u)[None, :], axis=1)
+        out["dC"] = jnp.sum(h * dy[None, :], axis=1)
+        return (g * dA, acc_A, acc_D, acc_bias), out
 
-    def tile(i, carry):
-        c = cfg.n_tiles - 1 - i
+    def load(s):
+        return _load_rows(ins, s * K, K, all_names, cfg, cfg.bwd_prefetch)
 
-        # States entering each sub-tile, into this program's workspace.
-        def fill(m, h):
-            ws_ref[m] = h
-            for k in range(K):
-                h = advance(c * cfg.tile + m * K + k, h)[0]
-            return h
+    def body(i, carry):
+        s = n_all - 1 - i  # sub-tiles in reverse
+        m = jax.lax.rem(s, n_sub)
+        if cfg.bwd_prefetch:
+            acc, rows = carry
+            nxt = load(jnp.maximum(s - 1, 0))
+        else:
+            acc, rows = carry, load(s)
 
-        h = jax.lax.fori_loop(0, n_sub - 1, fill, ins["ck"][c])
-        ws_ref[n_sub - 1] = h
-        if not cfg.interpret:
-            plt.debug_barrier()  # the workspace is read back below, possibly by other threads
+        @pl.when(m == n_sub - 1)
+        def _():
+            fill(jax.lax.div(s, n_sub))
 
-        def sub(mm, carry):
-            m = n_sub - 1 - mm
-            t0 = c * cfg.tile + m * K
-            hs, saved = [ws_ref[m]], []
-            for k in range(K):  # recompute the sub-tile's states in registers
-                h, x, dt, u = advance(t0 + k, hs[-1])
-                hs.append(h)
-                saved.append((x, dt, u))
-            for k in reversed(range(K)):
-                carry = back(t0 + k, hs[k], hs[k + 1], *saved[k], carry)
-            return carry
-
-        carry = jax.lax.fori_loop(0, n_sub, sub, carry)
-        if not cfg.interpret:
-            plt.debug_barrier()  # the next tile overwrites the workspace
-        return carry
+        # Recompute the sub-tile's states in registers (and its decays, if they fit).
+        hs, saved = [ws_ref[m]], []
+        for k, r in enumerate(rows):
+            h, dA, x, dt, u = advance(r, s * K + k, hs[-1])
+            hs.append(h)
+            saved.append((dA if cfg.keep_decay else None, x, dt, u))
+        outs = [None] * K
+        for k in reversed(range(K)):
+            acc, outs[k] = back(rows[k], s * K + k, hs[k], hs[k + 1], *saved[k], acc)
+        for k, o in enumerate(outs):
+            t = s * K + k
+            _store_row(du_ref, t, o["du"].astype(du_ref.dtype), cfg)
+            _store_row(ddt_ref, t, o["ddt"].astype(ddt_ref.dtype), cfg)
+            if dz_ref is not None:
+                _store_row(dz_ref, t, o["dz"].astype(dz_ref.dtype), cfg)
+            dB_ref[t] = o["dB"]
+            dC_ref[t] = o["dC"]
+        return (acc, nxt) if cfg.bwd_prefetch else acc
 
     zeros_d = jnp.zeros((bd,), _F32)
-    carry = (ins["dhlast"][...], jnp.zeros((N, bd), _F32), zeros_d, zeros_d)
-    g, acc_A, acc_D, acc_bias = jax.lax.fori_loop(0, cfg.n_tiles, tile, carry)
+    acc = (ins["dhlast"][...], jnp.zeros((N, bd), _F32), zeros_d, zeros_d)
+    out = jax.lax.fori_loop(0, n_all, body, (acc, load(n_all - 1)) if cfg.bwd_prefetch else acc)
+    g, acc_A, acc_D, acc_bias = out[0] if cfg.bwd_prefetch else out
     dh0_ref[...] = g
     dA_ref[...] = acc_A
     if dD_ref is not None:
@@ -546,10 +612,11 @@ class PallasTritonScan(ScanImplementation):
 
     block_d: channels per program (a power of two; capped at the group's channels).
     num_warps: warps per program; None picks from block_d and the state size.
-    unroll: forward steps unrolled per loop iteration (their loads issue together).
+    unroll: forward steps per sub-tile (loaded together, then computed unrolled).
+    prefetch: load the next sub-tile while computing this one (forward).
     tile_l: steps per saved state; the backward recomputes inside each tile.
-    bwd_block_d, bwd_num_warps, bwd_unroll: the same for the backward kernel (None:
-      the forward's block_d and num_warps; bwd_unroll None picks from the state size).
+    bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
+      kernel (None: picked from the forward's settings and the state size).
     num_stages: Triton's software-pipelining depth.
     backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
     interpret: run the kernels in Pallas' interpreter (CPU; for tests).
@@ -559,10 +626,12 @@ class PallasTritonScan(ScanImplementation):
     block_d: int = 32
     num_warps: int | None = None
     unroll: int = 8
+    prefetch: bool = True
     tile_l: int = 64
     bwd_block_d: int | None = None
     bwd_num_warps: int | None = None
     bwd_unroll: int | None = None
+    bwd_prefetch: bool | None = None
     num_stages: int = 1
     backward: str = "kernel"
     interpret: bool = False
@@ -622,9 +691,12 @@ class PallasTritonScan(ScanImplementation):
             # state over them) when a thread would hold over 32 state entries
             return min(16, max(1, (N * bd) // (32 * 32)))
 
-        # Registers for a backward sub-tile hold bwd_unroll + 1 states.
-        per_thread = max(1, N * bwd_bd // (32 * (self.bwd_num_warps or warps(bwd_bd))))
+        # Registers for a backward sub-tile hold bwd_unroll + 1 states (and as many
+        # decays when they fit), plus the rows of one or two sub-tiles.
+        bwd_warps = self.bwd_num_warps or warps(bwd_bd)
+        per_thread = max(1, N * bwd_bd // (32 * bwd_warps))
         bwd_unroll = self.bwd_unroll or max(1, min(self.unroll, 128 // per_thread))
+        bwd_prefetch = (per_thread <= 4) if self.bwd_prefetch is None else self.bwd_prefetch
         unroll = self.unroll
         step = max(unroll, bwd_unroll)
         tile = min(self.tile_l, _round_up(spec.length, step))
@@ -641,7 +713,7 @@ class PallasTritonScan(ScanImplementation):
             blocks_per_group=dgp // bd,
             bwd_blocks_per_group=dgp // bwd_bd,
             num_warps=self.num_warps or warps(bd),
-            bwd_num_warps=self.bwd_num_warps or warps(bwd_bd),
+            bwd_num_warps=bwd_warps,
             num_stages=self.num_stages,
             softplus=softplus,
             has_z=spec.has_z,
@@ -649,6 +721,9 @@ class PallasTritonScan(ScanImplementation):
             has_bias=has_bias,
             has_keep=spec.has_segments,
             has_h0=has_h0,
+            prefetch=self.prefetch,
+            bwd_prefetch=bwd_prefetch,
+            keep_decay=per_thread * bwd_unroll <= 64,
             backward=self.backward,
             interpret=self.interpret,
         )

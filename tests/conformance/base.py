@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mamba_ssm_core import model as core
-from mamba_ssm_core.config import MambaConfig
-from mamba_ssm_core.params import flatten, init_params
+import mamba_ssm_core as core
+from mamba_ssm_core import MambaConfig, init_params, param_shapes
+from mamba_ssm_core.params import flatten, unflatten
 
 from tests.oracle import rel_err
 
@@ -64,8 +64,11 @@ SAME_MATH = 1e-6  # the adapter calls the same core function
 GRADS = 1e-5
 DECODE = 1e-4  # recurrent steps against the parallel scan
 TRANSFORMERS = 1e-4  # the issue's bound against the PyTorch ground truth
-BF16_VS_F32 = 3e-2  # bfloat16 compute against the float32 reference
-BF16_VS_CORE_BF16 = 1e-2  # bfloat16 compute against the core's bfloat16 compute
+# bfloat16 compute against the float32 reference: about 5e-3 for CONFIG.
+BF16_VS_F32 = 2e-2
+# against the core's own bfloat16 compute: tight enough that computing in float32
+# instead (5e-3 away) fails, which matters for the LM, whose logits are float32 anyway.
+BF16_VS_CORE_BF16 = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +104,30 @@ def make_toy_task(seed: int = 0) -> ToyTask:
 
 
 def core_params(config: MambaConfig, seed: int = 0) -> dict[str, Any]:
-    """A full LM parameter pytree (float32), the official init plus noise on every leaf,
-    so that no two leaves are interchangeable and A_log, D are not their init values."""
-    params = init_params(jax.random.key(seed), config)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+    """A full LM parameter pytree (float32) drawn with NumPy (fast: no compilation), every
+    leaf distinct, A_log and D away from their init values, dt in the usual range."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in param_shapes(config).items():
+        noise = rng.standard_normal(shape)
+        if path.endswith("A_log"):
+            N = shape[-1]
+            value = np.log(np.arange(1, N + 1)) + 0.1 * noise
+        elif path.endswith(("D", "norm.weight", "norm_f.weight")):
+            value = 1.0 + 0.1 * noise
+        elif path.endswith("dt_proj.bias"):
+            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
+            value = np.log(np.expm1(dt))  # inverse softplus
+        elif path.endswith("embeddings.weight"):
+            value = 0.5 * noise
+        elif path.endswith("bias"):
+            value = 0.1 * noise
+        else:  # (out, in) or (I, 1, K) weights: U(±1/sqrt(fan_in)), as PyTorch's default
+            bound = 1 / math.sqrt(shape[-1] * (shape[-2] if path.endswith("conv1d.weight")
+                                              else 1))
+            value = rng.uniform(-bound, bound, shape)
+        flat[path] = jnp.asarray(value, jnp.float32)
+    return unflatten(flat)
 
 
 def params_at(level: Level, params: dict[str, Any]) -> Any:
@@ -323,12 +343,14 @@ class MambaConformanceTests(abc.ABC):
     # --- the PyTorch ground truth ------------------------------------------------------
 
     @pytest.mark.torch
-    def test_from_pretrained_matches_transformers(self, tmp_path: pathlib.Path) -> None:
-        from tests.hf_checkpoints import hf_logits, make_random_hf_checkpoint
+    @pytest.mark.parametrize("variant", ["small", "odd"])
+    def test_from_pretrained_matches_transformers(self, variant: str) -> None:
+        """"odd" is untied, with biases, expand 3, conv width 3 and 3 layers."""
+        from tests.hf_checkpoints import cached_checkpoint, hf_logits
 
-        torch_model = make_random_hf_checkpoint(tmp_path)
+        path, torch_model = cached_checkpoint(variant)
         ids = np.random.default_rng(0).integers(0, torch_model.config.vocab_size, (2, 11))
-        lm = self.from_pretrained(tmp_path)
+        lm = self.from_pretrained(pathlib.Path(path))
         got = self.apply("lm", lm, jnp.asarray(ids, jnp.int32))
         assert np.asarray(got).dtype == np.float32
         err = rel_err(got, hf_logits(torch_model, ids))
@@ -398,8 +420,6 @@ class MambaConformanceTests(abc.ABC):
             assert np.asarray(g).dtype == np.asarray(w).dtype, (
                 f"{level}: output dtype {np.asarray(g).dtype}, the core gives "
                 f"{np.asarray(w).dtype}")
-        assert any(np.asarray(g).dtype == jnp.bfloat16 for g in jax.tree.leaves(got)) or (
-            level == "lm"), f"{level}: nothing was computed in bfloat16"
         assert_trees_close(got, want_bf16, BF16_VS_CORE_BF16, f"{level} vs core bf16")
         assert_trees_close(got, core_apply(level, CONFIG, params, inputs), BF16_VS_F32,
                            f"{level} bf16 vs float32")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from mamba_equinox import MambaLM, MambaMixer, MambaModel, ResidualBlock
-from mamba_ssm_core.config import MambaConfig
+from mamba_ssm_core import MambaConfig
 
 from tests.conformance.base import Level, MambaConformanceTests, ToyTask
 

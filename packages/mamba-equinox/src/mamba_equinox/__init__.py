@@ -6,8 +6,9 @@ each call converts the module's arrays to the core's parameter pytree (no copies
 and calls `mamba_ssm_core.model`.
 """
 
-from mamba_ssm_core.model import MambaCache as MambaCache
-from mamba_ssm_core.model import MixerState as MixerState
+from mamba_ssm_core import MambaCache as MambaCache
+from mamba_ssm_core import MambaConfig as MambaConfig
+from mamba_ssm_core import MixerState as MixerState
 
 from ._block import ResidualBlock as ResidualBlock
 from ._mixer import MambaMixer as MambaMixer
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MambaCache",
+    "MambaConfig",
     "MambaLM",
     "MambaMixer",
     "MambaModel",

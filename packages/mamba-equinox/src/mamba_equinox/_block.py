@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float, PRNGKeyArray
-from mamba_ssm_core.config import MambaConfig
-from mamba_ssm_core.model import MixerState, residual_block
+from mamba_ssm_core import MambaConfig, MixerState, residual_block
 
 from . import _containers as c
 from ._mixer import MambaMixer, fresh_layer

@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float, PRNGKeyArray
-from mamba_ssm_core.config import MambaConfig
-from mamba_ssm_core.model import MixerState, layer_params, mixer
-from mamba_ssm_core.params import init_params
+from mamba_ssm_core import MambaConfig, MixerState, init_params, layer_params, mixer
 
 from . import _containers as c
 
@@ -39,8 +37,8 @@ class MambaMixer(eqx.Module):
     conv1d: eqx.nn.Conv1d
     x_proj: eqx.nn.Linear
     dt_proj: eqx.nn.Linear
-    A_log: Float[Array, "intermediate state"]
-    D: Float[Array, " intermediate"]
+    A_log: Float[Array, "*layers intermediate state"]
+    D: Float[Array, "*layers intermediate"]
     out_proj: eqx.nn.Linear
     config: MambaConfig = eqx.field(static=True)
     compute_dtype: Any = eqx.field(static=True)

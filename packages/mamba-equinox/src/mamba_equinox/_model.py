@@ -16,10 +16,17 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float, Int, PRNGKeyArray
-from mamba_ssm_core.checkpoint import load_pretrained, save_pretrained
-from mamba_ssm_core.config import MambaConfig
-from mamba_ssm_core.model import MambaCache, backbone, decode_step, forward, init_cache
-from mamba_ssm_core.params import init_params
+from mamba_ssm_core import (
+    MambaCache,
+    MambaConfig,
+    backbone,
+    decode_step,
+    forward,
+    init_cache,
+    init_params,
+    load_pretrained,
+    save_pretrained,
+)
 
 from . import _containers as c
 from ._block import ResidualBlock

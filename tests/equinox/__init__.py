@@ -1,0 +1,1 @@
+"""Tests of mamba-equinox beyond the shared conformance suite."""

@@ -15,6 +15,7 @@ from mamba_ssm_core import (
     ParamsError,
     abstract_params,
     backbone,
+    decode_step,
     forward,
     init_cache,
     init_params,
@@ -225,3 +226,87 @@ def test_bad_inputs_are_refused():
         forward(params, TINY, _ids(TINY, 2, 3), cache=init_cache(TINY, 1))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         forward(params, TINY)
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+def test_cached_decoding_equals_the_full_forward():
+    config = dataclasses.replace(TINY, use_bias=True, conv_kernel=3)
+    params = init_params(jax.random.key(7), config)
+    ids = _ids(config, 2, 12, seed=3)
+    full = fwd(params, config, ids)
+
+    @jax.jit
+    def pieces(params, ids):
+        cache = init_cache(config, 2)
+        out = []
+        # chunked prefill: 5 tokens, then 1, then 3 on the warm cache, then one by one
+        for a, b in ((0, 5), (5, 6), (6, 9)):
+            logits, cache = forward(params, config, ids[:, a:b], cache=cache)
+            out.append(logits)
+        for t in range(9, 12):
+            logits, cache = decode_step(params, config, ids[:, t], cache)
+            out.append(logits[:, None])
+        return jnp.concatenate(out, axis=1), cache
+
+    stepped, cache = pieces(params, ids)
+    assert rel_err(stepped, full) < 1e-5
+    _, prefilled = jax.jit(lambda p, i: forward(p, config, i, cache=init_cache(config, 2)))(
+        params, ids)
+    np.testing.assert_allclose(cache.ssm_state, prefilled.ssm_state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cache.conv_state, prefilled.conv_state, rtol=1e-6, atol=1e-6)
+
+
+def test_left_padding_leaves_each_row_as_without_it():
+    config = dataclasses.replace(TINY, use_bias=True)  # in_proj bias: padding must not feed it
+    params = init_params(jax.random.key(8), config)
+    short, long = _ids(config, 1, 3, seed=4), _ids(config, 1, 7, seed=5)
+    pad = jnp.full((1, 4), 9, jnp.int32)  # a real token id in the padding
+    ids = jnp.concatenate([jnp.concatenate([pad, short], axis=1), long], axis=0)
+    mask = jnp.asarray([[0, 0, 0, 0, 1, 1, 1], [1] * 7], bool)
+    run = jax.jit(lambda p, i, m: forward(p, config, i, mask=m,
+                                          cache=init_cache(config, i.shape[0])))
+    logits, cache = run(params, ids, mask)
+    for row, alone in ((0, short), (1, long)):
+        ref_logits, ref_cache = run(params, alone, jnp.ones(alone.shape, bool))
+        np.testing.assert_allclose(logits[row, -1], ref_logits[0, -1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cache.ssm_state[:, row], ref_cache.ssm_state[:, 0],
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(cache.conv_state[:, row], ref_cache.conv_state[:, 0],
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_decoding_is_constant_work_per_token():
+    """decode_step's only loop is the one over layers: nothing scans the past tokens."""
+    config = dataclasses.replace(TINY, num_hidden_layers=3)
+    params = abstract_params(config)
+    cache = jax.eval_shape(lambda: init_cache(config, 2))
+    jaxpr = jax.make_jaxpr(lambda p, t, c: decode_step(p, config, t, c))(
+        params, jax.ShapeDtypeStruct((2,), jnp.int32), cache)
+
+    def loops(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("scan", "while"):
+                yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if hasattr(sub, "eqns"):
+                        yield from loops(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        yield from loops(sub.jaxpr)
+
+    found = list(loops(jaxpr.jaxpr))
+    assert [e.primitive.name for e in found] == ["scan"]
+    assert found[0].params["length"] == config.num_hidden_layers
+
+
+def test_masked_rows_keep_their_state_while_decoding():
+    params = init_params(jax.random.key(9), TINY)
+    _, cache = jax.jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
+        params, _ids(TINY, 2, 5))
+    _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
+                                                mask=jnp.array([True, False])))(params, cache)
+    np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])
+    np.testing.assert_array_equal(after.conv_state[:, 1], cache.conv_state[:, 1])
+    assert not np.array_equal(after.ssm_state[:, 0], cache.ssm_state[:, 0])

@@ -39,10 +39,20 @@ from .params import cast_params as cast_params
 from .params import check_params as check_params
 from .params import init_params as init_params
 from .params import param_shapes as param_shapes
+from .generation import GenerationOutput as GenerationOutput
+from .generation import Sampling as Sampling
+from .generation import generate as generate
+from .generation import process_logits as process_logits
+from .generation import sample_token as sample_token
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerationOutput",
+    "Sampling",
+    "generate",
+    "process_logits",
+    "sample_token",
     "CheckpointError",
     "load_pretrained",
     "save_pretrained",

@@ -102,6 +102,12 @@ def _lead(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+def as_bool_mask(mask) -> Array:
+    """A (batch, length) mask of any int or bool dtype as bool (nonzero = real token)."""
+    m = jnp.asarray(mask)
+    return m if m.dtype == jnp.bool_ else m != jnp.zeros((), m.dtype)
+
+
 def _linear(x: Array, p: dict[str, Array]) -> Array:
     """x @ weight.T (+ bias) in x's dtype; weight is (out, in) as in PyTorch."""
     y = jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype))
@@ -154,7 +160,7 @@ def mixer(
     _check_mixer_inputs(op, config, x, state, mask)
     cd = x.dtype
     I, N, R = config.intermediate_size, config.state_size, config.time_step_rank
-    keep = None if mask is None else (jnp.asarray(mask) != 0)[..., None]
+    keep = None if mask is None else as_bool_mask(mask)[..., None]
 
     xz = _linear(x, params["in_proj"])
     xs, z = xz[..., :I], xz[..., I:]
@@ -178,9 +184,9 @@ def mixer(
         y, ssm_state = selective_state_update(state.ssm, u, dt, A, B, C, D, z=z[:, 0],
                                               dt_bias=dt_bias, dt_softplus=True)
         if keep is not None:
-            # a padded step leaves the row's state as it was
-            conv_state = jnp.where(keep[:, :, None], conv_state, state.conv)
-            ssm_state = jnp.where(keep[:, :, None], ssm_state, state.ssm)
+            # a padded step leaves the row's state as it was; keep is (batch, 1, 1)
+            conv_state = jnp.where(keep, conv_state, state.conv)
+            ssm_state = jnp.where(keep, ssm_state, state.ssm)
         y = y[:, None]
     else:
         u, conv_state = causal_conv1d(
@@ -306,7 +312,7 @@ def backbone(
         raise ValueError(f"{op}: the input has length 0")
     if mask is not None:
         _checks.check_shape(op, "mask", mask, (batch, length), "(batch, length)")
-        mask = jnp.asarray(mask) != 0
+        mask = as_bool_mask(mask)
     if cache is not None:
         _check_cache(op, config, cache, batch, cd)
     rd = jnp.float32 if config.residual_in_fp32 else cd
@@ -370,15 +376,17 @@ def decode_step(
     token: Int[Array, " batch"] | Int[np.ndarray, " batch"],
     cache: MambaCache,
     *,
+    mask: Bool[Array, " batch"] | None = None,
     dtype: Any = None,
 ) -> tuple[Float[Array, "batch vocab"], MambaCache]:
     """One decoding step: token (batch,) -> (logits (batch, vocab_size) float32, new cache).
 
     O(1) in the length so far: the conv window and the SSM state are updated in place
-    of a scan.
+    of a scan. Rows where `mask` (batch,) is False keep their state unchanged.
     """
     _checks.check_rank("decode_step", "token", token, (1,), "(batch,)")
-    logits, cache = forward(params, config, jnp.asarray(token)[:, None], cache=cache, dtype=dtype)
+    logits, cache = forward(params, config, jnp.asarray(token)[:, None], cache=cache,
+                            mask=None if mask is None else mask[:, None], dtype=dtype)
     return logits[:, 0], cache
 
 

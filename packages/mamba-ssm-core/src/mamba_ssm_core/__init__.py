@@ -1,5 +1,6 @@
 """Mamba for JAX: the selective-scan op and a functional Mamba LM over plain pytrees."""
 
+from ._pallas_tpu import PallasTpuScan as PallasTpuScan
 from ._pallas_triton import PallasTritonScan as PallasTritonScan
 from ._scan_associative import AssociativeScan as AssociativeScan
 from ._scan_chunked import ChunkedScan as ChunkedScan
@@ -78,6 +79,7 @@ __all__ = [
     "AssociativeScan",
     "ByteTokenizer",
     "ChunkedScan",
+    "PallasTpuScan",
     "PallasTritonScan",
     "ReferenceScan",
     "ScanArgs",

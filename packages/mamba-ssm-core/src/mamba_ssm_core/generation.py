@@ -214,16 +214,19 @@ def _check_left_padding(mask: np.ndarray) -> None:
                          "have padding after a real token")
 
 
+_MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
+             | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"])
+
+
 @jaxtyped(typechecker=beartype)
-def generate(
+def prepare_generate(
     params: Params,
     config: MambaConfig,
     input_ids: Int[Array, "batch length"] | Int[np.ndarray, "batch length"],
     *,
     max_new_tokens: int,
     key: Array | None = None,
-    mask: Bool[Array, "batch length"] | Int[Array, "batch length"]
-    | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"] | None = None,
+    mask: _MaskLike | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -234,23 +237,10 @@ def generate(
     callback: StreamCallback | None = None,
     dtype: Any = None,
     impl: str | ScanImplementation = "auto",
-) -> GenerationOutput:
-    """Continue each prompt by up to max_new_tokens tokens.
-
-    input_ids: (batch, length) prompts, left-padded to one length when they differ,
-    with mask (batch, length) nonzero on the real tokens; every row then decodes from
-    exactly the state its unpadded prompt gives. key: a PRNG key, required unless
-    temperature is 0 (greedy). eos_token_id: one id or several (default
-    config.eos_token_id; () for none); a row stops after emitting one.
-    pad_token_id: fills a row after its EOS (default config.pad_token_id, else 0).
-    callback: called as callback(step, tokens (batch,), done (batch,)) with NumPy
-    arrays after each step, in order, from inside the compiled loop (streaming).
-    dtype: compute dtype (default the embedding's); impl: the prefill's scan.
-
-    Returns GenerationOutput(tokens (batch, max_new_tokens) int32, lengths (batch,),
-    the final cache). The cache buffers are donated to the compiled loop.
-    The compiled loop is cached per (config, shapes, sampling settings, callback).
-    """
+) -> tuple[tuple, dict[str, Any]]:
+    """Check the arguments of `generate` and return (args, static) with
+    `_generate(*args, **static)` the generation; `_generate.lower(*args,
+    **static).compile()` compiles it ahead of time (the sampler times it that way)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(float(temperature), int(top_k), float(top_p), float(min_p),
@@ -280,7 +270,51 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
     cd = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
         params["backbone"]["embeddings"]["weight"])
-    cache = init_cache(config, batch, cd)
-    return _generate(params, jnp.asarray(input_ids, jnp.int32), mask, key, cache, config=config,
-                     sampling=sampling, max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad),
-                     dtype=cd, impl=impl, callback=callback)
+    args = (params, jnp.asarray(input_ids, jnp.int32), mask, key, init_cache(config, batch, cd))
+    static = dict(config=config, sampling=sampling, max_new_tokens=int(max_new_tokens), eos=eos,
+                  pad=int(pad), dtype=cd, impl=impl, callback=callback)
+    return args, static
+
+
+@jaxtyped(typechecker=beartype)
+def generate(
+    params: Params,
+    config: MambaConfig,
+    input_ids: Int[Array, "batch length"] | Int[np.ndarray, "batch length"],
+    *,
+    max_new_tokens: int,
+    key: Array | None = None,
+    mask: _MaskLike | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    callback: StreamCallback | None = None,
+    dtype: Any = None,
+    impl: str | ScanImplementation = "auto",
+) -> GenerationOutput:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    input_ids: (batch, length) prompts, left-padded to one length when they differ,
+    with mask (batch, length) nonzero on the real tokens; every row then decodes from
+    exactly the state its unpadded prompt gives. key: a PRNG key, required unless
+    temperature is 0 (greedy). eos_token_id: one id or several (default
+    config.eos_token_id; () for none); a row stops after emitting one.
+    pad_token_id: fills a row after its EOS (default config.pad_token_id, else 0).
+    callback: called as callback(step, tokens (batch,), done (batch,)) with NumPy
+    arrays after each step, in order, from inside the compiled loop (streaming).
+    dtype: compute dtype (default the embedding's); impl: the prefill's scan.
+
+    Returns GenerationOutput(tokens (batch, max_new_tokens) int32, lengths (batch,),
+    the final cache). The cache buffers are donated to the compiled loop, which is
+    cached per (config, shapes, sampling settings, callback).
+    """
+    args, static = prepare_generate(
+        params, config, input_ids, max_new_tokens=max_new_tokens, key=key, mask=mask,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, callback=callback, dtype=dtype, impl=impl)
+    return _generate(*args, **static)

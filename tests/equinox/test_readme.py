@@ -44,4 +44,6 @@ def test_pretrained_example_decodes_like_the_full_forward(tmp_path):
     # the last cached step has seen the prompt and the 5 tokens fed back
     full = lm(jnp.asarray(tokens, jnp.int32))[-1]
     assert rel_err(namespace["step_logits"], full) < 1e-4
+    # generate's greedy tokens are those the hand-written loop fed back
+    assert namespace["out"].tokens.tolist() == tokens[4:]
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -6,6 +6,7 @@ each call converts the module's arrays to the core's parameter pytree (no copies
 and calls `mamba_ssm_core.model`.
 """
 
+from mamba_ssm_core import GenerationOutput as GenerationOutput
 from mamba_ssm_core import MambaCache as MambaCache
 from mamba_ssm_core import MambaConfig as MambaConfig
 from mamba_ssm_core import MixerState as MixerState
@@ -18,6 +19,7 @@ from ._model import MambaModel as MambaModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerationOutput",
     "MambaCache",
     "MambaConfig",
     "MambaLM",

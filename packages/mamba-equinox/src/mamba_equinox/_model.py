@@ -9,6 +9,7 @@ the compute dtype and ssm_state (layers, I, N) float32; vmap it with the batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -17,11 +18,13 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float, Int, PRNGKeyArray
 from mamba_ssm_core import (
+    GenerationOutput,
     MambaCache,
     MambaConfig,
     backbone,
     decode_step,
     forward,
+    generate,
     init_cache,
     init_params,
     load_pretrained,
@@ -220,3 +223,42 @@ class MambaLM(eqx.Module):
         logits, new_cache = decode_step(self.to_params(), self.config, token[None],
                                         _batch_cache(cache), dtype=self.backbone.compute_dtype)
         return logits[0], _unbatch_cache(new_cache)
+
+    def generate(
+        self,
+        input_ids: Int[Array, " length"] | Int[Array, "batch length"],
+        *,
+        max_new_tokens: int,
+        key: PRNGKeyArray | None = None,
+        mask: Bool[Array, "*batch length"] | Int[Array, "*batch length"] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        callback: Callable[[int, Any, Any], Any] | None = None,
+    ) -> GenerationOutput:
+        """Continue a prompt with `mamba_ssm_core.generate` (prefill, then one compiled
+        `lax.while_loop` of O(1) steps; see it for the sampling arguments).
+
+        The loop is compiled over the batch, so besides one prompt (length,) this also
+        takes a left-padded batch (batch, length) with its mask, rather than being vmapped.
+        key: required unless temperature is 0 (greedy). Returns GenerationOutput(tokens
+        (*batch, max_new_tokens) int32, lengths (*batch,), cache); for one prompt the cache
+        is unbatched, as `init_cache` gives it, and continues with `decode_step`.
+        """
+        single = input_ids.ndim == 1
+        ids = input_ids[None] if single else input_ids
+        if mask is not None and single:
+            mask = mask[None]
+        bb = self.backbone
+        out = generate(self.to_params(), self.config, ids, max_new_tokens=max_new_tokens,
+                       key=key, mask=mask, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                       callback=callback, dtype=bb.compute_dtype, impl=bb.impl)
+        if not single:
+            return out
+        return GenerationOutput(out.tokens[0], out.lengths[0], _unbatch_cache(out.cache))

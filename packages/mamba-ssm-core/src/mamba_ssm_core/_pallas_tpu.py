@@ -46,9 +46,10 @@ _SUBLANES = 8
 # Batch and dim tiles are independent; the length axis carries the state, so it
 # must run in order on one core. Tests swap this to show the interpreter catches it.
 _DIMENSION_SEMANTICS = ("parallel", "parallel", "arbitrary")
-# Scoped VMEM requested from Mosaic. The table's tiles need about 4 MiB (forward)
-# and 9 MiB (backward) at N=16 in float32, under v5e's 16 MiB default; this leaves
-# room for explicit larger tiles and fits the 64 MiB of a v7x core.
+# Scoped VMEM requested from Mosaic. By the estimate in `tile_sizes` the table's tiles
+# need about 6 MiB per kernel at N=16 in float32 (under v5e's 16 MiB default) before
+# Mosaic's own temporaries; the limit leaves room for those and for larger explicit
+# tiles, and stays under the 64 MiB of a v7x core. Not measured: no TPU was available.
 _VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 
 
@@ -68,9 +69,11 @@ def _largest_lane_divisor(n: int, cap: int) -> int:
 def tile_sizes(length: int, state: int, group_channels: int) -> tuple[int, int, int, int]:
     """The default tiles for a shape: (time tile, forward dim tile, backward dim tile, sub-chunk).
 
-    group_channels is dim // groups. The table keeps the (N, dim tile) float32
-    state at 8 vregs in the forward and 4 in the backward (a TPU core has 64
-    vregs of 8x128 words), and the sub-chunk state scratch under ~1 MiB:
+    group_channels is dim // groups. Up to N = 32 the table keeps the (N, dim
+    tile) float32 state at 8 vregs in the forward and 4 in the backward, which
+    holds several such values per step (a TPU core has 64 vregs of 8 x 128
+    words); larger N gets the narrowest dim tile. The sub-chunk length keeps the
+    backward's (sub-chunk + 1, N, dim tile) state scratch near 0.5 MiB:
 
         state N   forward dim tile   backward dim tile   sub-chunk
         <= 16     512                256                 32
@@ -80,8 +83,10 @@ def tile_sizes(length: int, state: int, group_channels: int) -> tuple[int, int, 
 
     Dim tiles are capped to the largest multiple of 128 dividing the group's
     channels padded to 128. Time tile: 128 for length <= 128 or N > 64, else
-    256 (a 256 x 512 float32 block is 512 KiB; the forward holds about 8 of them
-    double-buffered or in scratch, the backward about 16 at its smaller dim tile).
+    256. VMEM at N=16, float32, length tile 256: the forward holds 11 (256, 512)
+    blocks (u, delta, z, y double-buffered; 3 scratch), 5.5 MiB; the backward 20
+    (256, 256) blocks (u, delta, z, dy in, du, d delta, dz out, double-buffered; 6
+    scratch), 5 MiB, plus 0.7 MiB of sub-chunk states.
     """
     if state <= 16:
         fwd_td, bwd_td, sub = 512, 256, 32

@@ -251,7 +251,11 @@ def run_sweep(ns, rec: Recorder, bw: float):
         args, dy = make_inputs(jax.random.key(7), b, l, d, n, jnp.dtype(dtype))
         nbytes = min_bytes(b, l, d, n, jnp.dtype(dtype).itemsize)
         base = measure(m.PallasTritonScan(), args, dy, do_bwd=False, budget_s=0.3)
-        for kind, configs in (("fwd", SWEEP_FWD), ("bwd", SWEEP_BWD)):
+        sweep = {"fwd": SWEEP_FWD, "bwd": SWEEP_BWD}
+        if ns.sweep_json:
+            with open(ns.sweep_json) as f:
+                sweep = json.load(f)
+        for kind, configs in sweep.items():
             for kw in configs:
                 if ns.budget - (time.monotonic() - START) < 60:
                     log("SKIP sweep: time budget spent")
@@ -377,6 +381,8 @@ def main(argv=None):
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="time pallas_triton configurations")
     p.add_argument("--sweep-dtypes", default="bfloat16")
+    p.add_argument("--sweep-json", default="",
+                   help='a JSON file {"fwd": [configs], "bwd": [configs]} replacing the built-in lists')
     p.add_argument("--tune", action="store_true",
                    help="time pallas_triton in the table with the sweep's fastest settings")
     p.add_argument("--no-table", action="store_true")

@@ -98,6 +98,7 @@ class _Kernel:
     prefetch: bool  # forward: load the next sub-tile's rows before computing this one
     bwd_prefetch: bool
     keep_decay: bool  # backward: keep a sub-tile's decays in registers (else recompute)
+    fill_unroll: int  # backward: steps a workspace-filling iteration walks
     backward: str
     interpret: bool
 
@@ -339,26 +340,26 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         return dA * h + (dt * u)[None, :] * r["B"].astype(_F32)[:, None], dA, x, dt, u
 
     def fill(c):
-        """States entering each sub-tile of tile c, into this program's workspace."""
+        """States entering each sub-tile of tile c, into this program's workspace.
+
+        Walks `fill_unroll` steps (several sub-tiles) per iteration: it keeps no
+        states, so its rows are cheap to hold and fewer round trips are exposed."""
         _barrier(cfg)  # the previous tile's reads of the workspace are done
+        KF = cfg.fill_unroll
+        per = KF // K  # sub-tiles per iteration
 
-        def load(m):
-            return _load_rows(ins, (c * n_sub + m) * K, K, fill_names, cfg, cfg.bwd_prefetch)
-
-        def body(m, carry):
-            if cfg.bwd_prefetch:
-                h, rows = carry
-                nxt = load(m + 1)
-            else:
-                h, rows = carry, load(m)
-            ws_ref[m] = h
+        def body(g, h):
+            t0 = c * cfg.tile + g * KF
+            rows = _load_rows(ins, t0, KF, fill_names, cfg, False)
             for k, r in enumerate(rows):
-                h = advance(r, (c * n_sub + m) * K + k, h)[0]
-            return (h, nxt) if cfg.bwd_prefetch else h
+                if k % K == 0:
+                    ws_ref[g * per + k // K] = h
+                h = advance(r, t0 + k, h)[0]
+            return h
 
-        h = ins["ck"][c]
-        out = jax.lax.fori_loop(0, n_sub - 1, body, (h, load(0)) if cfg.bwd_prefetch else h)
-        ws_ref[n_sub - 1] = out[0] if cfg.bwd_prefetch else out
+        # The last iteration also advances through the tile's last sub-tile, which
+        # the workspace does not need: K wasted steps a tile, for a simpler loop.
+        jax.lax.fori_loop(0, cfg.tile // KF, body, ins["ck"][c])
         _barrier(cfg)
 
     def back(r, t, h_prev, h, dA, x, dt, u, acc):
@@ -617,6 +618,7 @@ class PallasTritonScan(ScanImplementation):
     tile_l: steps per saved state; the backward recomputes inside each tile.
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
       kernel (None: picked from the forward's settings and the state size).
+    bwd_fill_unroll: steps per iteration of the backward's state-recomputing walk.
     num_stages: Triton's software-pipelining depth.
     backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
     interpret: run the kernels in Pallas' interpreter (CPU; for tests).
@@ -632,12 +634,14 @@ class PallasTritonScan(ScanImplementation):
     bwd_num_warps: int | None = None
     bwd_unroll: int | None = None
     bwd_prefetch: bool | None = None
+    bwd_fill_unroll: int = 16
     num_stages: int = 1
     backward: str = "kernel"
     interpret: bool = False
 
     def __post_init__(self):
-        for field in ("block_d", "unroll", "tile_l", "bwd_block_d", "bwd_unroll"):
+        for field in ("block_d", "unroll", "tile_l", "bwd_block_d", "bwd_unroll",
+                      "bwd_fill_unroll"):
             v = getattr(self, field)
             if v is not None and not _is_pow2(v):
                 raise ValueError(f"PallasTritonScan: {field} must be a power of two, got {v}")
@@ -724,6 +728,9 @@ class PallasTritonScan(ScanImplementation):
             prefetch=self.prefetch,
             bwd_prefetch=bwd_prefetch,
             keep_decay=per_thread * bwd_unroll <= 64,
+            # a multiple of bwd_unroll that divides the tile, at most bwd_fill_unroll
+            fill_unroll=max(f for f in range(bwd_unroll, tile + 1, bwd_unroll)
+                            if tile % f == 0 and (f <= self.bwd_fill_unroll or f == bwd_unroll)),
             backward=self.backward,
             interpret=self.interpret,
         )

@@ -29,9 +29,9 @@ from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import mamba_ssm_core as core
 import numpy as np
 import pytest
-import mamba_ssm_core as core
 from mamba_ssm_core import MambaConfig, init_params, param_shapes
 from mamba_ssm_core.params import flatten, unflatten
 
@@ -185,7 +185,7 @@ def assert_trees_equal(got: Any, want: Any, what: str) -> None:
     """Same structure, dtypes, shapes and values, bit for bit."""
     assert jax.tree.structure(got) == jax.tree.structure(want), (
         f"{what}: structure {jax.tree.structure(got)} != {jax.tree.structure(want)}")
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), _leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), _leaves(want), strict=True):
         g = np.asarray(g)
         name = jax.tree_util.keystr(path)
         assert g.dtype == w.dtype, f"{what}{name}: dtype {g.dtype} != {w.dtype}"
@@ -197,7 +197,7 @@ def assert_trees_close(got: Any, want: Any, tol: float, what: str) -> None:
     """Same structure and shapes, every leaf within relative error `tol`."""
     assert jax.tree.structure(got) == jax.tree.structure(want), (
         f"{what}: structure {jax.tree.structure(got)} != {jax.tree.structure(want)}")
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), _leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), _leaves(want), strict=True):
         err = rel_err(np.asarray(g, np.float64), w)
         assert err <= tol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.3g} > {tol}"
 
@@ -243,8 +243,9 @@ class MambaConformanceTests(abc.ABC):
                   compute_dtype: Any = None) -> Any:
         """Build the adapter's object for `level` holding exactly `params` (core layout).
 
-        compute_dtype: None to compute in the parameters' dtype, or e.g. jnp.bfloat16 to
-        compute in bfloat16 with the parameters kept as given (float32).
+        compute_dtype: None for the core's default (the input's dtype for mixer and block,
+        the embedding's for backbone and lm: float32 here), or e.g. jnp.bfloat16 to compute
+        in bfloat16 with the parameters kept as given (float32).
         """
 
     @abc.abstractmethod
@@ -336,7 +337,7 @@ class MambaConformanceTests(abc.ABC):
         inputs = make_inputs(level, CONFIG)
         got = self.apply(level, self.from_core(level, CONFIG, params), inputs)
         want = core_apply(level, CONFIG, params, inputs)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert np.asarray(g).dtype == np.asarray(w).dtype, f"{level}: output dtype"
         assert_trees_close(got, want, SAME_MATH, f"{level} output")
 
@@ -363,15 +364,16 @@ class MambaConformanceTests(abc.ABC):
         params = params_at(level, lm_params)
         inputs = make_inputs(level, CONFIG)
         out = core_apply(level, CONFIG, params, inputs)
-        keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
+        leaves = jax.tree.leaves(out)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
         cot = jax.tree.unflatten(jax.tree.structure(out), [
-            jax.random.normal(k, o.shape, jnp.float32) for k, o in zip(keys, jax.tree.leaves(out))
+            jax.random.normal(k, o.shape, jnp.float32) for k, o in zip(keys, leaves, strict=True)
         ])
 
         def loss(p, x):
             y = core_apply(level, CONFIG, p, x)
             return sum(jnp.sum(a.astype(jnp.float32) * c)
-                       for a, c in zip(jax.tree.leaves(y), jax.tree.leaves(cot)))
+                       for a, c in zip(jax.tree.leaves(y), jax.tree.leaves(cot), strict=True))
 
         obj = self.from_core(level, CONFIG, params)
         d_inputs, d_params = self.grads(level, obj, inputs, cot)
@@ -390,7 +392,7 @@ class MambaConformanceTests(abc.ABC):
         inputs = make_inputs(level, CONFIG)
         eager = self.apply(level, obj, inputs)
         assert_trees_close(self.apply_jit(level, obj, inputs), eager, SAME_MATH, f"{level} jit")
-        # a second call with new values of the same shapes reuses the compiled function
+        # new values of the same shapes: nothing of the first inputs is baked in
         inputs2 = make_inputs(level, CONFIG, seed=1)
         assert_trees_close(self.apply_jit(level, obj, inputs2),
                            core_apply(level, CONFIG, params, inputs2), SAME_MATH,
@@ -416,7 +418,7 @@ class MambaConformanceTests(abc.ABC):
         assert_trees_equal(self.to_core(level, obj), params, f"{level} params kept float32")
         got = self.apply(level, obj, inputs)
         want_bf16 = core_apply(level, CONFIG, params, inputs, dtype=jnp.bfloat16)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want_bf16)):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want_bf16), strict=True):
             assert np.asarray(g).dtype == np.asarray(w).dtype, (
                 f"{level}: output dtype {np.asarray(g).dtype}, the core gives "
                 f"{np.asarray(w).dtype}")

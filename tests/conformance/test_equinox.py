@@ -37,7 +37,7 @@ def _grad(diff: tuple[Any, Any], level: Level, cotangent: Any) -> jax.Array:
     module, inputs = diff
     out = _call(level, module, inputs)
     return sum(jnp.sum(o.astype(jnp.float32) * c)
-               for o, c in zip(jax.tree.leaves(out), jax.tree.leaves(cotangent)))
+               for o, c in zip(jax.tree.leaves(out), jax.tree.leaves(cotangent), strict=True))
 
 
 class _ToyModel(eqx.Module):

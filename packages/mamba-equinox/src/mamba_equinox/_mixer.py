@@ -65,7 +65,7 @@ class MambaMixer(eqx.Module):
             raise ValueError("MambaMixer: give exactly one of key= (fresh) and params= (existing)")
         if params is None:
             params = fresh_layer(config, key, dtype)["mixer"]
-        H, I, N, K, R = (config.hidden_size, config.intermediate_size, config.state_size,
+        H, I, N, K, R = (config.hidden_size, config.intermediate_size, config.state_size,  # noqa: E741
                          config.conv_kernel, config.time_step_rank)
         self.in_proj = c.linear(params["in_proj"], H, 2 * I)
         self.conv1d = c.conv1d(params["conv1d"], I, K)
@@ -94,7 +94,8 @@ class MambaMixer(eqx.Module):
         """A zero decoding state for one example: conv (K-1, I) in `dtype` (default: the
         compute dtype, else float32), ssm (I, N) float32."""
         dtype = dtype or self.compute_dtype or jnp.float32
-        I, N, K = self.config.intermediate_size, self.config.state_size, self.config.conv_kernel
+        I, N, K = (self.config.intermediate_size,  # noqa: E741
+                   self.config.state_size, self.config.conv_kernel)
         return MixerState(jnp.zeros((K - 1, I), dtype), jnp.zeros((I, N), jnp.float32))
 
     def __call__(

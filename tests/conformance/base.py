@@ -322,6 +322,7 @@ class MambaConformanceTests(abc.ABC):
         assert_trees_equal(self.to_core(level, obj), params, f"{level} params")
 
     def test_untied_lm_head_round_trip_and_outputs(self) -> None:
+        """An untied head: the LM and its backbone alone."""
         config = dataclasses.replace(CONFIG, tie_word_embeddings=False)
         params = core_params(config, seed=3)
         assert "lm_head" in params
@@ -330,6 +331,12 @@ class MambaConformanceTests(abc.ABC):
         ids = make_inputs("lm", config)
         assert_trees_close(self.apply("lm", obj, ids), core.forward(params, config, ids),
                            SAME_MATH, "untied lm logits")
+        # the backbone of an untied model holds no head
+        bb = self.from_core("backbone", config, params_at("backbone", params))
+        assert_trees_equal(self.to_core("backbone", bb), params_at("backbone", params),
+                           "untied backbone params")
+        assert_trees_close(self.apply("backbone", bb, ids), core.backbone(params, config, ids),
+                           SAME_MATH, "untied backbone output")
 
     @pytest.mark.parametrize("level", LEVELS)
     def test_outputs_equal_core_forward(self, level: Level, lm_params) -> None:

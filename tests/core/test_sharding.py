@@ -1,25 +1,39 @@
-"""sharded_selective_scan on 8 virtual CPU devices against the unsharded op and the oracle.
+"""The sharding module on 8 virtual CPU devices.
 
-Every layout must give the unsharded op's outputs, final state and gradients of
-every input (float32, 1e-5 relative), with and without an initial state, and
-with segment resets inside shards and exactly at shard boundaries.
+sharded_selective_scan against the unsharded op and the oracle: every layout must
+give the unsharded op's outputs, final state and gradients of every input
+(float32, 1e-5 relative), with and without an initial state, and with segment
+resets inside shards and exactly at shard boundaries. The training layouts: an
+AdamW step of the LM with parameters, optimiser state and batch laid out by
+`train_shardings` must match the single-device step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from mamba_ssm_core import (
     ChunkedScan,
     PallasTpuScan,
     PallasTritonScan,
+    batch_sharding,
+    make_mesh,
+    optimizer_state_shardings,
+    param_shardings,
     selective_scan,
     sharded_selective_scan,
+    train_shardings,
 )
+from mamba_ssm_core.config import MambaConfig
+from mamba_ssm_core.params import abstract_params, flatten, init_params
+from mamba_ssm_core.training import TrainConfig, lm_loss, make_optimizer
 from tests import oracle
 from tests.core.conftest import unhooked
 
@@ -268,3 +282,154 @@ def test_mesh_type_checked():
     match = r"^sharded_selective_scan: mesh must be a jax.sharding.Mesh, got str"
     with pytest.raises(TypeError, match=match):
         unhooked(sharded_selective_scan)(x["u"], x["delta"], x["A"], x["B"], x["C"], mesh="data")
+
+
+# ---------------------------------------------------------------- training layouts
+
+_LM = MambaConfig(
+    vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4,
+    time_step_rank=2, use_bias=True, use_conv_bias=True, layer_norm_epsilon=1e-5,
+    residual_in_fp32=True, tie_word_embeddings=False,
+)  # I = 32
+TRAIN_LAYOUTS = {
+    "data 8": ({"data": 8}, dict()),
+    "data 2 fsdp 4": ({"data": 2, "fsdp": 4}, dict(fsdp_axis="fsdp")),
+    "data 2 tensor 4": ({"data": 2, "tensor": 4}, dict(tensor_axis="tensor")),
+    "data 2 fsdp 2 tensor 2": (
+        {"data": 2, "fsdp": 2, "tensor": 2}, dict(fsdp_axis="fsdp", tensor_axis="tensor")
+    ),
+    "fsdp 8": ({"fsdp": 8}, dict(data_axis=None, fsdp_axis="fsdp")),
+}
+
+
+def _train_step(optimizer):
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(lm_loss)(params, _LM, tokens, impl="reference")
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return loss, grads, optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+    """One AdamW step of the LM on one device: inputs and (loss, grads, params, opt_state)."""
+    optimizer = make_optimizer(TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-2))
+    params = init_params(jax.random.key(0), _LM)
+    opt_state = optimizer.init(params)
+    # A first step so the moments are not zero when the sharded step starts.
+    step = jax.jit(_train_step(optimizer))
+    tokens0 = jax.random.randint(jax.random.key(1), (8, 17), 0, _LM.vocab_size, jnp.int32)
+    _, _, params, opt_state = step(params, opt_state, tokens0)
+    tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, _LM.vocab_size, jnp.int32)
+    out = step(params, opt_state, tokens)
+    return optimizer, (params, opt_state, tokens), out
+
+
+@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
+def test_train_step_layouts_match_single_device(single_device_step, layout):
+    """Loss, gradients, updated parameters and optimiser state of a sharded AdamW step."""
+    axes, kw = TRAIN_LAYOUTS[layout]
+    mesh = make_mesh(axes)
+    optimizer, (params, opt_state, tokens), expected = single_device_step
+    sh = train_shardings(mesh, params, opt_state, **kw)
+    placed = (
+        jax.device_put(params, sh.params),
+        jax.device_put(opt_state, sh.opt_state),
+        jax.device_put(tokens, sh.batch),
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    got = jax.jit(
+        _train_step(optimizer),
+        in_shardings=(sh.params, sh.opt_state, sh.batch),
+        out_shardings=(replicated, sh.params, sh.params, sh.opt_state),
+    )(*placed)
+    names = ("loss", "grads", "params", "opt_state")
+    errors = {}
+    for name, g, e in zip(names, got, expected, strict=True):
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(e), strict=True
+        ):
+            if jnp.issubdtype(jnp.result_type(b), jnp.floating) and float(jnp.abs(b).max()) > 0:
+                errors[f"{name}{jax.tree_util.keystr(path)}"] = oracle.rel_err(a, b)
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(errors) > 3 * len(jax.tree.leaves(params))
+    bad = {k: e for k, e in errors.items() if not e <= TOL}
+    assert not bad, f"relative errors above {TOL}: {bad}"
+
+
+def test_param_specs():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    specs = {
+        k: v.spec
+        for k, v in flatten(
+            param_shardings(abstract_params(_LM), mesh, fsdp_axis="fsdp", tensor_axis="tensor")
+        ).items()
+    }
+    T, F = "tensor", "fsdp"
+    layer = "backbone.layers."
+    assert specs == {
+        "backbone.embeddings.weight": PartitionSpec(F, None),  # (64, 16)
+        layer + "norm.weight": PartitionSpec(None, F),  # (2, 16)
+        layer + "mixer.in_proj.weight": PartitionSpec(None, T, F),  # (2, 64, 16)
+        layer + "mixer.in_proj.bias": PartitionSpec(None, T),
+        layer + "mixer.conv1d.weight": PartitionSpec(None, T, None, F),  # (2, 32, 1, 4)
+        layer + "mixer.conv1d.bias": PartitionSpec(None, T),
+        layer + "mixer.x_proj.weight": PartitionSpec(None, F, T),  # (2, 10, 32)
+        layer + "mixer.dt_proj.weight": PartitionSpec(None, T, F),  # (2, 32, 2)
+        layer + "mixer.dt_proj.bias": PartitionSpec(None, T),
+        layer + "mixer.A_log": PartitionSpec(None, T, F),  # (2, 32, 4)
+        layer + "mixer.D": PartitionSpec(None, T),
+        layer + "mixer.out_proj.weight": PartitionSpec(None, F, T),  # (2, 16, 32)
+        layer + "mixer.out_proj.bias": PartitionSpec(None, F),
+        "backbone.norm_f.weight": PartitionSpec(F),
+        "lm_head.weight": PartitionSpec(F, None),
+    }
+    assert batch_sharding(mesh, fsdp_axis="fsdp").spec == PartitionSpec(("data", "fsdp"), None)
+    assert batch_sharding(mesh, sequence_axis="tensor").spec == PartitionSpec("data", "tensor")
+
+
+def test_optimizer_state_shardings_mirror_params():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = abstract_params(_LM)
+    optimizer = make_optimizer(TrainConfig(steps=10, warmup_steps=0))
+    opt_state = jax.eval_shape(optimizer.init, params)
+    sh = train_shardings(mesh, params, opt_state, fsdp_axis="fsdp", tensor_axis="tensor")
+    by_path = flatten(sh.params)
+    leaves = jax.tree_util.tree_leaves_with_path(sh.opt_state)
+    mirrored = 0
+    for path, s in leaves:
+        key = ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        if key in by_path:
+            assert s == by_path[key], key
+            mirrored += 1
+        else:
+            assert s.spec == PartitionSpec(), jax.tree_util.keystr(path)
+    assert mirrored == 2 * len(by_path)  # AdamW's two moments
+    assert mirrored < len(leaves)  # and its step counts, replicated
+
+
+def test_tensor_axis_must_divide_channels():
+    cfg = dataclasses.replace(_LM, hidden_size=10)  # I = 20
+    # The first parameter in pytree order (sorted keys) with channels is A_log.
+    match = (r"^param_shardings: tensor_axis=\('tensor',\) has 8 shards, which do not divide "
+             r"the 20 channels of backbone.layers.mixer.A_log \(axis 1 of shape \(2, 20, 4\)\)")
+    with pytest.raises(ValueError, match=match):
+        param_shardings(abstract_params(cfg), make_mesh({"tensor": 8}), data_axis=None,
+                        tensor_axis="tensor")
+
+
+def test_training_layout_errors(mesh):
+    params = abstract_params(_LM)
+    with pytest.raises(ValueError, match=r"mesh axes \['data'\] are Explicit"):
+        param_shardings(params, mesh)
+    auto = make_mesh({"data": 2, "fsdp": 4})
+    with pytest.raises(ValueError, match=r"distinct mesh axes"):
+        param_shardings(params, auto, fsdp_axis="data")
+    with pytest.raises(ValueError, match=r"tensor_axis='model' names no axis of the mesh"):
+        param_shardings(params, auto, tensor_axis="model")
+    with pytest.raises(ValueError, match=r"make 4 shards, but there are 8 devices"):
+        make_mesh({"data": 2, "fsdp": 2})
+    with pytest.raises(ValueError, match=r"shardings must be param_shardings\(params"):
+        optimizer_state_shardings({}, params, {"lm_head": {"weight": None}})

@@ -14,7 +14,13 @@ from .scan import auto_implementation as auto_implementation
 from .scan import implementations as implementations
 from .scan import register_implementation as register_implementation
 from .scan import selective_scan as selective_scan
+from .sharding import TrainShardings as TrainShardings
+from .sharding import batch_sharding as batch_sharding
+from .sharding import make_mesh as make_mesh
+from .sharding import optimizer_state_shardings as optimizer_state_shardings
+from .sharding import param_shardings as param_shardings
 from .sharding import sharded_selective_scan as sharded_selective_scan
+from .sharding import train_shardings as train_shardings
 from .state_update import selective_state_update as selective_state_update
 from .state_update import selective_state_update_tokens as selective_state_update_tokens
 from .tokenizer import ByteTokenizer as ByteTokenizer
@@ -94,4 +100,10 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_tokens",
     "sharded_selective_scan",
+    "TrainShardings",
+    "batch_sharding",
+    "make_mesh",
+    "optimizer_state_shardings",
+    "param_shardings",
+    "train_shardings",
 ]

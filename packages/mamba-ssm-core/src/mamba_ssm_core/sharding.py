@@ -1,16 +1,23 @@
-"""Running the selective scan on a device mesh, with JAX's own machinery.
+"""Running on a device mesh, with JAX's own machinery (Mesh, NamedSharding, shard_map).
 
 `sharded_selective_scan` splits the op over named axes of a `jax.sharding.Mesh`
 with `jax.shard_map`: batch and channel shards are independent scans; sequence
 shards are chained by the affine map each applies to the state entering it
 (see `_sharding_scan`). Any registered implementation runs inside, forward and
 backward.
+
+`param_shardings`, `optimizer_state_shardings`, `batch_sharding` and
+`train_shardings` lay the LM's parameters, optimiser state and token batches out
+over data, FSDP and tensor (channel) axes (rules in `_sharding_params`); `jax.jit`
+and XLA's partitioner do the rest. `make_mesh` builds a mesh for them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 from jax import Array
@@ -20,6 +27,7 @@ from jaxtyping import Float, Int
 
 from . import scan as _scan
 from ._scan_common import ScanArgs, ScanImplementation, ScanSpec
+from ._sharding_params import dotted, param_spec
 from ._sharding_scan import ShardLayout, shard_body
 
 _OP = "sharded_selective_scan"
@@ -41,18 +49,18 @@ def _as_this_op() -> Iterator[None]:
         raise
 
 
-def _axes(mesh: Mesh, arg: str, value: AxisNames) -> tuple[str, ...]:
+def _axes(mesh: Mesh, arg: str, value: AxisNames, op: str = _OP) -> tuple[str, ...]:
     if value is None:
         return ()
     names = (value,) if isinstance(value, str) else tuple(value)
     for name in names:
         if not isinstance(name, str) or name not in mesh.axis_names:
             raise ValueError(
-                f"{_OP}: {arg}={value!r} names no axis of the mesh; its axes are "
+                f"{op}: {arg}={value!r} names no axis of the mesh; its axes are "
                 f"{tuple(mesh.axis_names)}"
             )
     if len(set(names)) != len(names):
-        raise ValueError(f"{_OP}: {arg}={value!r} repeats a mesh axis")
+        raise ValueError(f"{op}: {arg}={value!r} repeats a mesh axis")
     return names
 
 
@@ -227,3 +235,170 @@ def sharded_selective_scan(
         check_vma=False,
     )(*xs)
     return (y, h) if return_final_state else y
+
+
+# ---------------------------------------------------------------- training layouts
+
+
+class TrainShardings(NamedTuple):
+    """NamedShardings of a training step's inputs.
+
+    params: a pytree of the parameters' structure; opt_state: one of the optimiser
+    state's structure, or None; batch: for token arrays (batch, length, ...).
+    """
+
+    params: Any
+    opt_state: Any
+    batch: NamedSharding
+
+
+def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with the named axes and sizes, e.g. {"data": 2, "fsdp": 2, "tensor": 2}.
+
+    The axes are `AxisType.Auto`: the model leaves layouts to XLA's partitioner,
+    which starts from the shardings given here (with `Explicit` axes, JAX's default,
+    every op would need its output sharding spelled out). devices: default
+    `jax.devices()`, every process's devices after `jax.distributed.initialize()`;
+    the sizes' product must equal their number.
+    """
+    op = "make_mesh"
+    if not isinstance(axes, Mapping) or not axes:
+        raise ValueError(f"{op}: axes must be a non-empty mapping of name to size, got {axes!r}")
+    for name, size in axes.items():
+        if not isinstance(name, str) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{op}: axes must map names to sizes >= 1, got {name!r}: {size!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(axes.values()) != len(devices):
+        raise ValueError(
+            f"{op}: axes {dict(axes)} make {math.prod(axes.values())} shards, but there are "
+            f"{len(devices)} devices"
+        )
+    return jax.make_mesh(
+        tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+        devices=devices,
+    )
+
+
+def _rule_axes(op: str, mesh: Mesh, **named: AxisNames) -> dict[str, tuple[str, ...]]:
+    """Validated axis tuples per argument: known, distinct, and not Explicit."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{op}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    out = {arg: _axes(mesh, arg, value, op) for arg, value in named.items()}
+    used = [a for axes in out.values() for a in axes]
+    if len(set(used)) != len(used):
+        listing = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        raise ValueError(f"{op}: the axis arguments must use distinct mesh axes, got {listing}")
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = [a for a in used if types[a] == jax.sharding.AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"{op}: mesh axes {explicit} are Explicit; the model leaves layouts to XLA's "
+            "partitioner, which needs Auto axes: build the mesh with "
+            "mamba_ssm_core.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+    return out
+
+
+def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(int(mesh.shape[a]) for a in axes)
+
+
+def param_shardings(
+    params: Mapping[str, Any],
+    mesh: Mesh,
+    *,
+    data_axis: AxisNames = "data",
+    fsdp_axis: AxisNames = None,
+    tensor_axis: AxisNames = None,
+) -> dict[str, Any]:
+    """NamedShardings for the LM's parameter pytree (arrays or ShapeDtypeStructs).
+
+    Parameters are replicated over data_axis. tensor_axis splits the inner channels
+    I of every mixer parameter that has them (in_proj's 2I rows, the conv, x_proj's
+    and out_proj's inputs, dt_proj, A_log, D), so it must divide I. fsdp_axis splits
+    each parameter's largest remaining axis that it divides (never the stacked-layer
+    axis); a parameter with no such axis stays replicated over it. Returns a pytree
+    of `params`' structure. Axis arguments: a mesh axis name, a tuple of them, or None.
+    """
+    op = "param_shardings"
+    axes = _rule_axes(op, mesh, data_axis=data_axis, fsdp_axis=fsdp_axis, tensor_axis=tensor_axis)
+    fsdp, tensor = axes["fsdp_axis"], axes["tensor_axis"]
+
+    def one(path, leaf):
+        try:
+            spec = param_spec(
+                dotted(path), tuple(leaf.shape), fsdp=fsdp, fsdp_size=_size(mesh, fsdp),
+                tensor=tensor, tensor_size=_size(mesh, tensor),
+            )
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def optimizer_state_shardings(opt_state: Any, params: Mapping[str, Any], shardings: Any) -> Any:
+    """NamedShardings for an optimiser state (e.g. optax's), from the parameters'.
+
+    Each leaf that mirrors a parameter (the same dict-key path, as optax's moments
+    do, and the same shape) gets that parameter's sharding from `shardings` (as
+    returned by `param_shardings`); every other leaf (step counts, factored
+    statistics) is replicated. Returns a pytree of `opt_state`'s structure.
+    """
+    op = "optimizer_state_shardings"
+    by_path = {dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    sharding_of = {dotted(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    if set(by_path) != set(sharding_of) or not sharding_of:
+        raise ValueError(
+            f"{op}: shardings must be param_shardings(params, ...) of these params; "
+            f"paths differ: {sorted(set(by_path) ^ set(sharding_of))[:5]}"
+        )
+    mesh = next(iter(sharding_of.values())).mesh
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        key = dotted(path)
+        if key in by_path and tuple(getattr(leaf, "shape", ())) == by_path[key]:
+            return sharding_of[key]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def batch_sharding(
+    mesh: Mesh,
+    *,
+    data_axis: AxisNames = "data",
+    fsdp_axis: AxisNames = None,
+    sequence_axis: AxisNames = None,
+) -> NamedSharding:
+    """NamedSharding for batches (batch, length, ...): the batch split over the data
+    and FSDP axes together (FSDP is data-parallel in its activations), the length
+    over sequence_axis if given."""
+    axes = _rule_axes(
+        "batch_sharding", mesh, data_axis=data_axis, fsdp_axis=fsdp_axis,
+        sequence_axis=sequence_axis,
+    )
+    batch = _entry((*axes["data_axis"], *axes["fsdp_axis"]))
+    return NamedSharding(mesh, P(batch, _entry(axes["sequence_axis"])))
+
+
+def train_shardings(
+    mesh: Mesh,
+    params: Mapping[str, Any],
+    opt_state: Any = None,
+    *,
+    data_axis: AxisNames = "data",
+    fsdp_axis: AxisNames = None,
+    tensor_axis: AxisNames = None,
+) -> TrainShardings:
+    """The shardings of a training step's parameters, optimiser state and token batches
+    on `mesh` (see `param_shardings`, `optimizer_state_shardings`, `batch_sharding`).
+
+    Use them as `jax.device_put` targets and as the step's `in_shardings`/`out_shardings`.
+    """
+    ps = param_shardings(
+        params, mesh, data_axis=data_axis, fsdp_axis=fsdp_axis, tensor_axis=tensor_axis
+    )
+    os_ = None if opt_state is None else optimizer_state_shardings(opt_state, params, ps)
+    return TrainShardings(ps, os_, batch_sharding(mesh, data_axis=data_axis, fsdp_axis=fsdp_axis))

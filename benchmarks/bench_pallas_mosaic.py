@@ -186,11 +186,11 @@ def main():
     rows = []
     if a.variants:
         variants = {
-            "c32s3u4": PallasMosaicScan(),
-            "split2": PallasMosaicScan(splits=2),
-            "c64s2u4": PallasMosaicScan(chunk=64, stages=2),
-            "c16s4u4": PallasMosaicScan(chunk=16, stages=4),
+            "c32s3u4": PallasMosaicScan(unroll=4),
             "c32s3u8": PallasMosaicScan(unroll=8),
+            "c64s2u8": PallasMosaicScan(chunk=64, stages=2, unroll=8),
+            "c64s3u8": PallasMosaicScan(chunk=64, stages=3, unroll=8),
+            "c32s4u16": PallasMosaicScan(chunk=32, stages=4, unroll=16),
         }
         for dtype in a.variants.split(","):
             for label, v in variants.items():

@@ -760,7 +760,7 @@ class PallasMosaicScan(ScanImplementation):
     name = "pallas_mosaic"
     chunk: int = 32
     stages: int = 3
-    unroll: int = 4
+    unroll: int = 8  # 0.275 ms against 0.292 ms with 4 (H100, bf16, batch 8, dim 2048, length 2048)
     splits: int = 1
     bwd_chunk: int = 16
     interpret: bool = False

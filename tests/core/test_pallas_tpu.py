@@ -24,7 +24,6 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
 from mamba_ssm_core import (
     PallasTpuScan,
     ScanArgs,
@@ -34,6 +33,7 @@ from mamba_ssm_core import (
     selective_scan,
 )
 from mamba_ssm_core import _pallas_tpu as pt
+
 from tests import oracle
 from tests.core.conftest import scan_inputs
 
@@ -213,9 +213,9 @@ def test_gradients(case):
     make, tiles, seed, dtype = GRAD_CASES[case]
     kwargs = make()
     rng = np.random.default_rng(seed)
-    b, l, d = kwargs["u"].shape
+    b, length, d = kwargs["u"].shape
     n = kwargs["A"].shape[1]
-    weights = (jnp.asarray(rng.standard_normal((b, l, d)), jnp.float32),
+    weights = (jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32),
                jnp.asarray(rng.standard_normal((b, d, n)), jnp.float32))
     loss, diff = _loss(_impl(seed, **tiles), kwargs, weights)
     grads = jax.grad(loss)(diff)
@@ -344,14 +344,14 @@ REALISTIC = dict(batch=8, length=8192, dim=5120, state=16)
 
 
 def _lower_for_tpu(kind: str, dtype, *, full: bool):
-    b, l, d, n = (REALISTIC[k] for k in ("batch", "length", "dim", "state"))
+    b, t, d, n = (REALISTIC[k] for k in ("batch", "length", "dim", "state"))
     S = jax.ShapeDtypeStruct
     f32 = jnp.float32
     shapes = dict(
-        u=S((b, l, d), dtype), delta=S((b, l, d), dtype), A=S((d, n), f32),
-        B=S((b, l, 1, n), dtype), C=S((b, l, 1, n), dtype), D=S((d,), f32),
-        z=S((b, l, d), dtype), delta_bias=S((d,), f32), initial_state=S((b, d, n), f32),
-        segment_ids=S((b, l), jnp.int32),
+        u=S((b, t, d), dtype), delta=S((b, t, d), dtype), A=S((d, n), f32),
+        B=S((b, t, 1, n), dtype), C=S((b, t, 1, n), dtype), D=S((d,), f32),
+        z=S((b, t, d), dtype), delta_bias=S((d,), f32), initial_state=S((b, d, n), f32),
+        segment_ids=S((b, t), jnp.int32),
     )  # fmt: skip
     if not full:
         shapes = {k: v for k, v in shapes.items() if k in ("u", "delta", "A", "B", "C")}
@@ -382,11 +382,11 @@ def test_lowers_for_abstract_tpu_at_realistic_shape(kind, dtype):
 
 def test_vmapped_lowers_for_abstract_tpu():
     """vmap adds a leading grid axis; Mosaic's lowering must place it (parallel) itself."""
-    b, l, d, n = 4, 2048, 5120, 16
+    b, t, d, n = 4, 2048, 5120, 16
     S = jax.ShapeDtypeStruct
-    shapes = dict(u=S((2, b, l, d), jnp.bfloat16), delta=S((2, b, l, d), jnp.bfloat16),
-                  A=S((2, d, n), jnp.float32), B=S((2, b, l, 1, n), jnp.bfloat16),
-                  C=S((2, b, l, 1, n), jnp.bfloat16))
+    shapes = dict(u=S((2, b, t, d), jnp.bfloat16), delta=S((2, b, t, d), jnp.bfloat16),
+                  A=S((2, d, n), jnp.float32), B=S((2, b, t, 1, n), jnp.bfloat16),
+                  C=S((2, b, t, 1, n), jnp.bfloat16))
     impl = PallasTpuScan()
 
     def loss(diff):

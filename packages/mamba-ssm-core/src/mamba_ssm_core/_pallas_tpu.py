@@ -148,7 +148,7 @@ class _Plan:
 
 
 def _pad_channels(x: Array, plan: _Plan) -> Array:
-    """(..., dim) -> (..., padded dim): each group's channels padded with zeros to a multiple of 128."""
+    """(..., dim) -> (..., padded dim): each group's channels zero-padded to a multiple of 128."""
     pad = plan.group_channels_padded - plan.group_channels
     if pad == 0:
         return x
@@ -223,7 +223,10 @@ def _sublane_iota() -> Array:
 
 
 def _column(chunk: Array, lane: Array, i) -> Array:
-    """Column i of an (R, 128) chunk as (R, 1): a masked lane reduction (TPUs cannot slice lanes dynamically)."""
+    """Column i of an (R, 128) chunk as (R, 1).
+
+    A masked lane reduction: Mosaic cannot slice lanes at a dynamic offset.
+    """
     return jnp.sum(jnp.where(lane == i, chunk, 0.0), axis=1, keepdims=True)
 
 
@@ -281,16 +284,16 @@ def _fwd_ref_names(plan: _Plan, save_states: bool) -> list[tuple[str, bool]]:
 def _forward_kernel(*refs, plan: _Plan, save_states: bool):
     r = _unpack(refs, _fwd_ref_names(plan, save_states))
     tl = plan.time_tile
-    l = pl.program_id(2)
+    step = pl.program_id(2)
 
-    @pl.when(l == 0)
+    @pl.when(step == 0)
     def _():
         r["h"][...] = r["h0"][...] if plan.has_h0 else jnp.zeros(r["h"].shape, jnp.float32)
 
     if save_states:
         r["h_tiles"][...] = r["h"][...]
 
-    _, dt = _tile_delta(r["delta"], r["bias"], plan, l)
+    _, dt = _tile_delta(r["delta"], r["bias"], plan, step)
     r["dt"][...] = dt
     r["dtu"][...] = dt * r["u"][...].astype(jnp.float32)
 
@@ -333,7 +336,7 @@ def _forward_kernel(*refs, plan: _Plan, save_states: bool):
         y = y * (z * _sigmoid(z))
     r["y"][...] = y.astype(r["y"].dtype)
 
-    @pl.when(l == plan.time_tiles - 1)
+    @pl.when(step == plan.time_tiles - 1)
     def _():
         r["h_last"][...] = h
 
@@ -354,13 +357,13 @@ def _bwd_ref_names(plan: _Plan) -> list[tuple[str, bool]]:
 def _backward_kernel(*refs, plan: _Plan):
     r = _unpack(refs, _bwd_ref_names(plan))
     tl, k = plan.time_tile, plan.sub_chunk
-    l = pl.program_id(2)
-    tile = plan.time_tiles - 1 - l  # the backward walks the length tiles in reverse
+    step = pl.program_id(2)
+    tile = plan.time_tiles - 1 - step  # the backward walks the length tiles in reverse
     width = r["dt"].shape[1]
     lane, sub = _lane_iota(), _sublane_iota()
     a = r["a"][...]
 
-    @pl.when(l == 0)  # the last length tile: start from the final state's cotangent
+    @pl.when(step == 0)  # the last length tile: start from the final state's cotangent
     def _():
         r["dh"][...] = r["dh_last"][...]
         r["da_acc"][...] = jnp.zeros(r["da_acc"].shape, jnp.float32)
@@ -409,7 +412,8 @@ def _backward_kernel(*refs, plan: _Plan):
             for s in range(_SUBLANES):
                 i = lane0 + g * _SUBLANES + s
                 k_col = None if k_chunk is None else _column(k_chunk, lane, i)
-                h = forward_step(h, dt8[s : s + 1], dtu8[s : s + 1], _column(b_chunk, lane, i), k_col)
+                b_col = _column(b_chunk, lane, i)
+                h = forward_step(h, dt8[s : s + 1], dtu8[s : s + 1], b_col, k_col)
                 rows.append(on_state(g * _SUBLANES + s, h, c_chunk, i))
             if plan.has_z and rows[0] is not None:
                 y8 = jnp.zeros((_SUBLANES, width), jnp.float32)
@@ -462,8 +466,9 @@ def _backward_kernel(*refs, plan: _Plan):
                 dt_row, dtu_row, dyp_row = dt8[s : s + 1], dtu8[s : s + 1], dyp8[s : s + 1]
                 b_col, c_col = _column(b_chunk, lane, i), _column(c_chunk, lane, i)
                 dh = dh + c_col * dyp_row
-                dc_acc = jnp.where(lane == i, jnp.sum(h_cur * dyp_row, axis=1, keepdims=True), dc_acc)
-                db_acc = jnp.where(lane == i, jnp.sum(dh * dtu_row, axis=1, keepdims=True), db_acc)
+                lane_sum = lambda x: jnp.sum(x, axis=1, keepdims=True)  # noqa: E731
+                dc_acc = jnp.where(lane == i, lane_sum(h_cur * dyp_row), dc_acc)
+                db_acc = jnp.where(lane == i, lane_sum(dh * dtu_row), db_acc)
                 ddtu8 = jnp.where(sub == s, jnp.sum(dh * b_col, axis=0, keepdims=True), ddtu8)
                 decay = jnp.exp(dt_row * a)
                 if k_chunk is not None:
@@ -516,7 +521,7 @@ def _backward_kernel(*refs, plan: _Plan):
         dsilu = sig_z * (1.0 + z * (1.0 - sig_z))
         r["dz"][...] = (dy * y_pre * dsilu).astype(r["dz"].dtype)
 
-    @pl.when(l == plan.time_tiles - 1)  # the first length tile: write the block's sums
+    @pl.when(step == plan.time_tiles - 1)  # the first length tile: write the block's sums
     def _():
         r["dh0"][...] = dh
         r["da"][...] = r["da_acc"][...]
@@ -537,27 +542,27 @@ def _compiler_params():
 
 
 def _specs(plan: _Plan, dim_tile: int, reverse: bool):
-    """BlockSpecs over the grid (batch, dim tiles, length tiles), the length axis reversed or not."""
+    """BlockSpecs over the grid (batch, dim tiles, length tiles), length reversed or not."""
     tl, n = plan.time_tile, plan.state
     last = plan.time_tiles - 1
     tiles_per_group = plan.group_channels_padded // dim_tile
-    t = (lambda l: last - l) if reverse else (lambda l: l)
+    t = (lambda s: last - s) if reverse else (lambda s: s)
     return dict(
-        seq=pl.BlockSpec((None, tl, dim_tile), lambda i, j, l: (i, t(l), j)),
-        bc=pl.BlockSpec((None, None, n, tl), lambda i, j, l: (i, j // tiles_per_group, 0, t(l))),
-        bc_part=pl.BlockSpec((None, None, n, tl), lambda i, j, l: (i, j, 0, t(l))),
-        a=pl.BlockSpec((n, dim_tile), lambda i, j, l: (0, j)),
-        row=pl.BlockSpec((1, dim_tile), lambda i, j, l: (0, j)),
-        keep=pl.BlockSpec((None, 1, tl), lambda i, j, l: (i, 0, t(l))),
+        seq=pl.BlockSpec((None, tl, dim_tile), lambda i, j, s: (i, t(s), j)),
+        bc=pl.BlockSpec((None, None, n, tl), lambda i, j, s: (i, j // tiles_per_group, 0, t(s))),
+        bc_part=pl.BlockSpec((None, None, n, tl), lambda i, j, s: (i, j, 0, t(s))),
+        a=pl.BlockSpec((n, dim_tile), lambda i, j, s: (0, j)),
+        row=pl.BlockSpec((1, dim_tile), lambda i, j, s: (0, j)),
+        keep=pl.BlockSpec((None, 1, tl), lambda i, j, s: (i, 0, t(s))),
         # Index maps that ignore the length axis keep one block resident across it.
-        state=pl.BlockSpec((None, n, dim_tile), lambda i, j, l: (i, 0, j)),
-        row_part=pl.BlockSpec((None, 1, dim_tile), lambda i, j, l: (i, 0, j)),
-        tile_state=pl.BlockSpec((None, None, n, dim_tile), lambda i, j, l: (i, t(l), 0, j)),
+        state=pl.BlockSpec((None, n, dim_tile), lambda i, j, s: (i, 0, j)),
+        row_part=pl.BlockSpec((None, 1, dim_tile), lambda i, j, s: (i, 0, j)),
+        tile_state=pl.BlockSpec((None, None, n, dim_tile), lambda i, j, s: (i, t(s), 0, j)),
     )
 
 
 def _forward_call(plan: _Plan, save_states: bool, u, delta, a, b, c, d, z, bias, h0, keep):
-    """Kernel-layout inputs -> (y, final state (batch, N, padded dim), tile-entry states or None)."""
+    """Kernel-layout inputs -> (y, final state (batch, N, padded dim), tile-entry states)."""
     td, tl, n = plan.dim_tile, plan.time_tile, plan.state
     sp = _specs(plan, td, reverse=False)
     batch, lp, dp = u.shape
@@ -595,7 +600,7 @@ def _forward_call(plan: _Plan, save_states: bool, u, delta, a, b, c, d, z, bias,
 
 
 def _backward_call(plan: _Plan, u, delta, a, b, c, d, z, bias, keep, h_tiles, dy, dh_last):
-    """Kernel-layout inputs and cotangents -> gradients, parameter ones per (batch, dim tile) block."""
+    """Kernel-layout inputs and cotangents -> gradients; dA, dD, d bias, dB, dC per block."""
     td, tl, n, k = plan.bwd_dim_tile, plan.time_tile, plan.state, plan.sub_chunk
     sp = _specs(plan, td, reverse=True)
     batch, lp, dp = u.shape
@@ -766,7 +771,8 @@ class PallasTpuScan(ScanImplementation):
             if v is not None and (not isinstance(v, int) or v < _LANES or v % _LANES):
                 raise ValueError(f"PallasTpuScan: {field} must be a multiple of 128, got {v!r}")
         k = self.sub_chunk
-        if k is not None and (not isinstance(k, int) or k < _SUBLANES or _LANES % k or k % _SUBLANES):
+        bad = not isinstance(k, int) or k < _SUBLANES or _LANES % k or k % _SUBLANES
+        if k is not None and bad:
             raise ValueError(
                 f"PallasTpuScan: sub_chunk must be a multiple of 8 dividing 128, got {k!r}"
             )

@@ -1,6 +1,7 @@
 """Mamba for JAX: the selective-scan op and a functional Mamba LM over plain pytrees."""
 
 from ._pallas_tpu import PallasTpuScan as PallasTpuScan
+from ._pallas_mosaic import PallasMosaicScan as PallasMosaicScan
 from ._pallas_triton import PallasTritonScan as PallasTritonScan
 from ._scan_associative import AssociativeScan as AssociativeScan
 from ._scan_chunked import ChunkedScan as ChunkedScan
@@ -86,6 +87,7 @@ __all__ = [
     "ByteTokenizer",
     "ChunkedScan",
     "PallasTpuScan",
+    "PallasMosaicScan",
     "PallasTritonScan",
     "ReferenceScan",
     "ScanArgs",

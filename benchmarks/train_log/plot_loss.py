@@ -4,8 +4,8 @@
         benchmarks/train_log/loss.png
 
 The log is JSON lines; records with "loss" (nats per token, training batch) and
-records with "eval_bpb" (held-out bits per byte) are drawn, both as bits per byte,
-against the step. Text uses a 3x5 pixel font drawn here, so no plotting library
+records with "eval_bpb" (held-out bits per byte) are drawn, both as bits per byte on a
+logarithmic axis, against the step. Text uses a 3x5 pixel font drawn here, so no plotting library
 is needed.
 """
 
@@ -103,23 +103,26 @@ def plot(records: list[dict], title: str, width: int = 900, height: int = 540) -
     pts = train + evals
     x_hi = max(s for s, _ in pts) or 1
     ys = [v for _, v in pts]
-    y_lo, y_hi = math.floor(min(ys) * 2) / 2, math.ceil(max(ys) * 2) / 2
-    if y_hi <= y_lo:
-        y_hi = y_lo + 1
+    # A logarithmic y axis: the first steps fall from ~8 bits, the rest differ by tenths.
+    y_lo, y_hi = math.log2(min(ys)) - 0.05, math.log2(max(ys)) + 0.05
 
     def to_px(s: float, v: float) -> tuple[float, float]:
         x = left + (width - left - right) * s / x_hi
-        y = top + (height - top - bottom) * (1 - (v - y_lo) / (y_hi - y_lo))
+        y = top + (height - top - bottom) * (1 - (math.log2(v) - y_lo) / (y_hi - y_lo))
         return x, y
 
     grey, black = (225, 225, 225), (0, 0, 0)
-    for v in _nice_ticks(y_lo, y_hi):
+    y_ticks = [m * 2.0**e for e in range(-4, 8) for m in (1, 1.25, 1.5, 1.75)]
+    y_ticks = [v for v in y_ticks if y_lo <= math.log2(v) <= y_hi]
+    if len(y_ticks) > 12:
+        y_ticks = [v for v in y_ticks if math.log2(v).is_integer() or v in (0.75, 1.5, 3, 6)]
+    for v in y_ticks:
         _, y = to_px(0, v)
         _line(img, (left, y), (width - right, y), grey, 1)
         label = _fmt(v)
         _text(img, left - 8 - _text_width(label), int(y) - 5, label, black)
     for s in _nice_ticks(0, x_hi):
-        x, _ = to_px(s, y_lo)
+        x, _ = to_px(s, 2.0**y_lo)
         _line(img, (x, top), (x, height - bottom), grey, 1)
         label = _fmt(s)
         _text(img, int(x) - _text_width(label) // 2, height - bottom + 8, label, black)
@@ -137,7 +140,7 @@ def plot(records: list[dict], title: str, width: int = 900, height: int = 540) -
 
     _text(img, width // 2 - _text_width(title) // 2, 16, title, black)
     _text(img, width // 2 - _text_width("STEP") // 2, height - 24, "STEP", black)
-    _text(img, 8, top - 24, "BITS/BYTE", black)
+    _text(img, 8, top - 24, "BITS/BYTE (LOG SCALE)", black)
     legend_x = width - right - 260
     _line(img, (legend_x, 80), (legend_x + 24, 80), blue, 2)
     _text(img, legend_x + 32, 75, "TRAIN BATCH", black)

@@ -1,7 +1,10 @@
 """Training: optimizer pieces, the corpus, a few steps lowering the loss, exact resumption."""
 
+import hashlib
 import json
 import math
+import pathlib
+import re
 import zlib
 
 import jax
@@ -10,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from mamba_ssm_core import training
+from mamba_ssm_core import ByteTokenizer, training
+from mamba_ssm_core._assets import bundled_model_dir
 from mamba_ssm_core._corpus import EOS_ID, build_corpus, load_corpus, save_corpus, stdlib_files
 from mamba_ssm_core.checkpoint import load_pretrained
 from mamba_ssm_core.config import MambaConfig
@@ -18,6 +22,10 @@ from mamba_ssm_core.model import forward
 from mamba_ssm_core.params import flatten, init_params
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, state_size=4)
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The evaluation slice of the bundled model: the first 65537 tokens of the held-out split
+# of Python 3.11.7's standard library (shipped, since other Pythons' libraries differ).
+SLICE = ROOT / "benchmarks" / "train_log" / "heldout_slice.npz"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +200,7 @@ def test_a_few_steps_lower_the_held_out_loss(tmp_path, small_corpus):
     assert losses[-1] < losses[0] - 1.0
     # The checkpoint: loadable, float32, the tokenizer beside it, the log written.
     cfg, params = load_pretrained(tmp_path / "run")
-    assert cfg.to_hf_dict() == model.to_hf_dict()
+    assert training.architecture(cfg) == training.architecture(model)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -268,3 +276,47 @@ def test_cli_trains_and_resumes(tmp_path, small_corpus, capsys):
     assert "step 6/6, held-out" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="other sizes"):
         _train_cli.main(["--out", str(tmp_path / "cli"), "--hidden-size", "64"])
+
+
+def test_bundled_model_matches_its_recorded_bits_per_byte():
+    folder = bundled_model_dir()
+    summary = json.loads((folder / "training_summary.json").read_text())
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 12_000_000
+    with np.load(SLICE) as z:
+        tokens = z["tokens"]
+    assert tokens.size == 65537
+    digest = hashlib.sha256(tokens.astype("<u2").tobytes()).hexdigest()
+    assert digest == summary["eval"]["slice_sha256"]
+    config, params = load_pretrained(folder, dtype=jnp.float32)
+    assert ByteTokenizer.load(folder).vocab_size <= config.vocab_size
+    bpb = training.evaluate_bits_per_byte(params, config, tokens, seq_len=512)
+    recorded = summary["heldout_bits_per_byte"]
+    assert bpb == pytest.approx(recorded, rel=0.01)
+    # the figure reported in benchmarks/RESULTS.md
+    assert f"{recorded:.4f}" in (ROOT / "benchmarks" / "RESULTS.md").read_text()
+
+
+def test_heldout_slice_is_the_stdlib_split(stdlib_corpus):
+    with np.load(SLICE) as z:
+        tokens, source = z["tokens"], str(z["source"])
+        names = str(z["names"]).split("\0")
+    # The slice runs through its files in order, one end-of-text after each.
+    ends = np.flatnonzero(tokens == EOS_ID)
+    assert len(ends) == len(names) - 1 and tokens[-1] != EOS_ID
+    assert all(zlib.crc32(n.encode()) % 20 == 0 for n in names)
+    if stdlib_corpus.source == source:
+        np.testing.assert_array_equal(stdlib_corpus.tokens("heldout")[: tokens.size], tokens)
+    else:
+        # Another Python: the same rule holds these files out wherever this one has them.
+        held = {n for n, h in zip(stdlib_corpus.names, stdlib_corpus.heldout_files,
+                                  strict=True) if h}
+        assert {n for n in names if n in stdlib_corpus.names} <= held
+
+
+def test_sampler_defaults_to_the_bundled_model(capsys):
+    from mamba_ssm_core._cli import main
+
+    assert main(["--prompt", "def ", "--gen-len", "48", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    # Greedy decoding from "def " writes a method signature, as the standard library does.
+    assert re.search(r"def \w+\(self[^)]*\):\n +\S", out), out

@@ -3,7 +3,9 @@
     mamba-sample --model state-spaces/mamba-130m --prompt "Mamba is the" --gen-len 100 \
         --temperature 0.7 --top-k 40 --top-p 0.9 --seed 0 --seed-iters 3 --stream --bf16
 
---model is a local folder or a hub repo id (see `load_pretrained`). The tokenizer is,
+--model is a local folder or a hub repo id (see `load_pretrained`); without it, the
+model bundled with the package (a byte-level model trained by `mamba-train` on the
+Python standard library, so no download is needed). The tokenizer is,
 in this order: --tokenizer if given (a folder or hub id for transformers'
 AutoTokenizer); the checkpoint folder's own `byte_tokenizer.json` (`ByteTokenizer`);
 the folder's transformers tokenizer files (tokenizer.json, tokenizer_config.json);
@@ -144,8 +146,9 @@ def load_tokenizer(model: str, override: str | None = None) -> TextTokenizer:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamba-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="checkpoint folder or hub repo id (e.g. state-spaces/mamba-130m)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or hub repo id (e.g. state-spaces/mamba-130m); "
+                        "default: the bundled byte-level model (Python standard library)")
     p.add_argument("--prompt", default="Mamba is the", help="text to continue")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or hub id (default: from the checkpoint, as above)")
@@ -174,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mamba-sample`; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.model is None:
+        from ._assets import bundled_model_dir
+
+        try:
+            args.model = str(bundled_model_dir())
+        except FileNotFoundError as e:
+            raise SystemExit(f"mamba-sample: {e}") from e
     if args.gen_len < 1:
         raise SystemExit("mamba-sample: --gen-len must be >= 1")
     if args.seed_iters < 1:

@@ -54,6 +54,7 @@ __all__ = [
     "Corpus",
     "TrainConfig",
     "TrainResult",
+    "architecture",
     "build_corpus",
     "byte_lm_config",
     "evaluate_bits_per_byte",
@@ -208,6 +209,18 @@ def byte_lm_config(
         eos_token_id=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+# MambaConfig fields read by init_params only: a checkpoint need not keep them.
+_INIT_ONLY = ("time_step_min", "time_step_max", "time_step_floor", "time_step_scale",
+              "time_step_init_scheme", "rescale_prenorm_residual")
+
+
+def architecture(config: MambaConfig) -> dict[str, Any]:
+    """The fields of `config` that a checkpoint fixes (all but the initialisation-only ones),
+    as a transformers config dict: two configs with equal architectures run the same
+    parameters identically."""
+    return {k: v for k, v in config.to_hf_dict().items() if k not in _INIT_ONLY}
 
 
 def _decays(path: str) -> bool:
@@ -494,7 +507,7 @@ def _load_checkpoint(out: pathlib.Path, model_config: MambaConfig, config: Train
         raise ValueError(f"{where}: the checkpoint was trained on another corpus (fingerprint "
                          "differs); pass the same corpus, or resume=False to start over")
     saved_model = MambaConfig.from_json_file(out / "config.json")
-    if saved_model.to_hf_dict() != model_config.to_hf_dict():
+    if architecture(saved_model) != architecture(model_config):
         raise ValueError(f"{where}: the checkpoint's model config differs from model_config:\n"
                          f"  saved: {saved_model}\n  given: {model_config}")
     _, params = load_pretrained(out)

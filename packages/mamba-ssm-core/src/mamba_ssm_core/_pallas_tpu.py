@@ -798,7 +798,7 @@ class PallasTpuScan(ScanImplementation):
                 )
         return None
 
-    def plan(self, spec: ScanSpec, *, delta_softplus: bool, has_d: bool, has_bias: bool,
+    def _plan(self, spec: ScanSpec, *, delta_softplus: bool, has_d: bool, has_bias: bool,
              has_h0: bool) -> _Plan:
         """The static kernel plan (tiles and present inputs) for one call."""
         tl, td, td_b, k = tile_sizes(spec.length, spec.state, spec.dim // spec.groups)
@@ -811,7 +811,7 @@ class PallasTpuScan(ScanImplementation):
         )  # fmt: skip
 
     def __call__(self, args: ScanArgs, *, delta_softplus: bool) -> tuple[Array, Array]:
-        plan = self.plan(
+        plan = self._plan(
             ScanSpec.of(args),
             delta_softplus=delta_softplus,
             has_d=args.D is not None,

@@ -401,7 +401,11 @@ def _backward_kernel(*refs, plan: _Plan):
         return decay * h + b_col * dtu_row
 
     def forward_subchunk(t0, h, on_state):
-        """Run steps t0 .. t0+k-1 from h; on_state(j, h_j) sees each new state. Returns the last."""
+        """Run steps t0 .. t0+k-1 from h and return the last state.
+
+        on_state(j, h_j, C chunk, lane of step j) sees each new state; what it returns
+        for the steps of an 8-row group (y rows, or None) is stored to the y scratch.
+        """
         _, lane0, b_chunk, c_chunk, k_chunk = chunk_inputs(t0)
 
         def group(g, h):

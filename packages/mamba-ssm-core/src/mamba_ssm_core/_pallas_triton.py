@@ -613,7 +613,8 @@ class PallasTritonScan(ScanImplementation):
 
     block_d: channels per program (a power of two; capped at the group's channels).
     num_warps: warps per program; None picks from block_d and the state size.
-    unroll: forward steps per sub-tile (loaded together, then computed unrolled).
+    unroll: forward steps per sub-tile (loaded together, then computed unrolled);
+      None: 4, fewer when a thread holds over 16 state entries.
     prefetch: load the next sub-tile while computing this one (forward).
     tile_l: steps per saved state; the backward recomputes inside each tile.
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
@@ -625,9 +626,11 @@ class PallasTritonScan(ScanImplementation):
     """
 
     name = "pallas_triton"
+    # Defaults from the H100 sweeps (benchmarks/RESULTS.md): 32 channels a one-warp
+    # program, 4-step forward sub-tiles, 2-step backward sub-tiles with prefetch.
     block_d: int = 32
     num_warps: int | None = None
-    unroll: int = 8
+    unroll: int | None = None
     prefetch: bool = True
     tile_l: int = 64
     bwd_block_d: int | None = None
@@ -696,12 +699,16 @@ class PallasTritonScan(ScanImplementation):
             return min(16, max(1, (N * bd) // (32 * 32)))
 
         # Registers for a backward sub-tile hold bwd_unroll + 1 states (and as many
-        # decays when they fit), plus the rows of one or two sub-tiles.
+        # decays when they fit), plus the rows of one or two sub-tiles: keep the
+        # state entries a thread holds for the sub-tile near 32 (2 steps at state 16).
         bwd_warps = self.bwd_num_warps or warps(bwd_bd)
         per_thread = max(1, N * bwd_bd // (32 * bwd_warps))
-        bwd_unroll = self.bwd_unroll or max(1, min(self.unroll, 128 // per_thread))
-        bwd_prefetch = (per_thread <= 4) if self.bwd_prefetch is None else self.bwd_prefetch
-        unroll = self.unroll
+        fwd_per_thread = max(1, N * bd // (32 * (self.num_warps or warps(bd))))
+        unroll = self.unroll or max(1, min(4, 64 // fwd_per_thread))
+        bwd_unroll = self.bwd_unroll or max(1, min(unroll, 32 // per_thread))
+        bwd_prefetch = (
+            per_thread * bwd_unroll <= 32 if self.bwd_prefetch is None else self.bwd_prefetch
+        )
         step = max(unroll, bwd_unroll)
         tile = min(self.tile_l, _round_up(spec.length, step))
         n_tiles = -(-spec.length // tile)

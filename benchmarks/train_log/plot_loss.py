@@ -60,7 +60,8 @@ def _line(img: np.ndarray, p0, p1, color, width: int = 2) -> None:
     h, w, _ = img.shape
     for dx in range(width):
         for dy in range(width):
-            xx, yy = np.clip(xs + dx - width // 2, 0, w - 1), np.clip(ys + dy - width // 2, 0, h - 1)
+            xx = np.clip(xs + dx - width // 2, 0, w - 1)
+            yy = np.clip(ys + dy - width // 2, 0, h - 1)
             img[yy, xx] = color
 
 
@@ -130,9 +131,9 @@ def plot(records: list[dict], title: str, width: int = 900, height: int = 540) -
     _line(img, (left, height - bottom), (width - right, height - bottom), black, 1)
 
     blue, red = (40, 90, 200), (210, 40, 40)
-    for a, b in zip(train, train[1:]):
+    for a, b in zip(train, train[1:], strict=False):
         _line(img, to_px(*a), to_px(*b), blue, 2)
-    for a, b in zip(evals, evals[1:]):
+    for a, b in zip(evals, evals[1:], strict=False):
         _line(img, to_px(*a), to_px(*b), red, 2)
     for p in evals:
         x, y = to_px(*p)

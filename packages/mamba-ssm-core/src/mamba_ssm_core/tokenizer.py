@@ -178,10 +178,11 @@ class ByteTokenizer:
             raise ValueError(f"ByteTokenizer.load: {path} is not valid JSON: {e}") from e
         if not isinstance(spec, dict) or spec.get("format") != _FORMAT:
             raise ValueError(f"ByteTokenizer.load: {path} is not a {_FORMAT} file")
-        if spec.get("format_version") != _FORMAT_VERSION or spec.get("num_byte_tokens") != NUM_BYTES:
+        version, num_bytes = spec.get("format_version"), spec.get("num_byte_tokens")
+        if version != _FORMAT_VERSION or num_bytes != NUM_BYTES:
             raise ValueError(
-                f"ByteTokenizer.load: {path} has format_version {spec.get('format_version')} and "
-                f"num_byte_tokens {spec.get('num_byte_tokens')}; this library reads version "
+                f"ByteTokenizer.load: {path} has format_version {version} and "
+                f"num_byte_tokens {num_bytes}; this library reads version "
                 f"{_FORMAT_VERSION} with {NUM_BYTES} byte tokens"
             )
         specials = spec.get("special_tokens")

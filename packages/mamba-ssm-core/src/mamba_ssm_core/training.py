@@ -130,7 +130,8 @@ class TrainConfig:
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
             if not ok:
-                raise ValueError(f"TrainConfig: {field} must be {what}, got {getattr(self, field)!r}")
+                got = getattr(self, field)
+                raise ValueError(f"TrainConfig: {field} must be {what}, got {got!r}")
 
         for f in ("steps", "batch_size", "seq_len", "log_every"):
             v = getattr(self, f)
@@ -186,9 +187,9 @@ def byte_lm_config(
     pad_vocab_to_multiple_of: int = 8,
 ) -> MambaConfig:
     """A Mamba config for the byte tokenizer: its vocabulary padded to a multiple of
-    `pad_vocab_to_multiple_of` (vocab_size holds the padded size), tied embeddings, no linear biases, a conv bias, RMSNorm
-    eps 1e-5, float32 residual and time_step_rank ceil(hidden_size / 16), as the
-    original models."""
+    `pad_vocab_to_multiple_of` (vocab_size holds the padded size), tied embeddings, no
+    linear biases, a conv bias, RMSNorm eps 1e-5, float32 residual and time_step_rank
+    ceil(hidden_size / 16), as the original models."""
     tokenizer = tokenizer or ByteTokenizer()
     m = pad_vocab_to_multiple_of
     vocab = -(-tokenizer.vocab_size // m) * m

@@ -15,6 +15,7 @@ and XLA's partitioner do the rest. `make_mesh` builds a mesh for them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -199,15 +200,14 @@ def sharded_selective_scan(
     b, l, d = args.u.shape
     g = args.B.shape[2]
     kc = layout.size(layout.channel)
-    local = ScanSpec(
+    # The call each shard makes: the implementation is chosen (and its limits
+    # checked) for these per-shard shapes.
+    local = dataclasses.replace(
+        ScanSpec.of(args),
         batch=b // layout.size(layout.batch),
         length=l // layout.size(layout.sequence),
         dim=d // kc,
-        state=args.A.shape[1],
         groups={"all": g, "split": g // kc, "pick": 1}[layout.group_mode],
-        dtype=str(args.u.dtype),
-        has_z=args.z is not None,
-        has_segments=args.segment_ids is not None,
     )
     with _as_this_op():
         chosen = _scan._resolve(impl, local)

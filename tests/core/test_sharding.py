@@ -18,7 +18,6 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-
 from mamba_ssm_core import (
     ChunkedScan,
     PallasTpuScan,
@@ -34,6 +33,7 @@ from mamba_ssm_core import (
 from mamba_ssm_core.config import MambaConfig
 from mamba_ssm_core.params import abstract_params, flatten, init_params
 from mamba_ssm_core.training import TrainConfig, lm_loss, make_optimizer
+
 from tests import oracle
 from tests.core.conftest import unhooked
 
@@ -81,7 +81,10 @@ def _segments(length: int) -> np.ndarray:
 def _inputs(seed: int, *, groups: int | None = None, dim: int = DIM, initial_state=True,
             segments=True, batch: int = BATCH) -> dict:
     rng = np.random.default_rng(seed)
-    f = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    def f(*shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
     bc = (batch, LENGTH, STATE) if groups is None else (batch, LENGTH, groups, STATE)
     x = dict(
         u=f(batch, LENGTH, dim),

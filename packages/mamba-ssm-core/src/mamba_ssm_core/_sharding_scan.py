@@ -66,8 +66,8 @@ def _local_groups(B: Array, C: Array, layout: ShardLayout) -> tuple[Array, Array
         return B, C
     shards_per_group = layout.size(layout.channel) // layout.groups
     g = layout.index(layout.channel) // shards_per_group
-    pick = lambda x: jax.lax.dynamic_slice_in_dim(x, g, 1, axis=2)
-    return pick(B), pick(C)
+    return (jax.lax.dynamic_slice_in_dim(B, g, 1, axis=2),
+            jax.lax.dynamic_slice_in_dim(C, g, 1, axis=2))
 
 
 def _fold_incoming(h0: Array, M: Array, N: Array) -> tuple[Array, Array]:

@@ -86,12 +86,12 @@ def _layout(
             f"got {batch_axis!r}, {channel_axis!r}, {sequence_axis!r}"
         )
     sizes = tuple((name, int(mesh.shape[name])) for name in mesh.axis_names)
-    b, l, d = args.u.shape
+    b, length, d = args.u.shape
     groups = args.B.shape[2]
     layout = ShardLayout(batch, channel, sequence, sizes, groups, "all")
     for arg, axes, what, size in (
         ("batch_axis", batch, "batch", b),
-        ("sequence_axis", sequence, "length", l),
+        ("sequence_axis", sequence, "length", length),
         ("channel_axis", channel, "dim", d),
     ):
         k = layout.size(axes)
@@ -197,7 +197,7 @@ def sharded_selective_scan(
             u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids
         )
     layout = _layout(mesh, args, batch_axis, channel_axis, sequence_axis)
-    b, l, d = args.u.shape
+    b, length, d = args.u.shape
     g = args.B.shape[2]
     kc = layout.size(layout.channel)
     # The call each shard makes: the implementation is chosen (and its limits
@@ -205,7 +205,7 @@ def sharded_selective_scan(
     local = dataclasses.replace(
         ScanSpec.of(args),
         batch=b // layout.size(layout.batch),
-        length=l // layout.size(layout.sequence),
+        length=length // layout.size(layout.sequence),
         dim=d // kc,
         groups={"all": g, "split": g // kc, "pick": 1}[layout.group_mode],
     )

@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from mamba_ssm_core import selective_scan
 from mamba_ssm_core._pallas_mosaic import PallasMosaicScan
 
@@ -60,23 +59,23 @@ def copy_bandwidth():
     return 2 * x.size * 4 / (ms * 1e-3)
 
 
-def inputs(rng, b, l, d, n, dtype, *, groups=None, segments=False):
-    f = np.float32
-    gshape = (b, l, n) if groups is None else (b, l, groups, n)
+def inputs(rng, b, length, d, n, dtype, *, groups=None, segments=False):
+    f, l_ = np.float32, length
+    gshape = (b, l_, n) if groups is None else (b, l_, groups, n)
     x = dict(
-        u=rng.standard_normal((b, l, d)).astype(f),
-        delta=(0.5 * rng.standard_normal((b, l, d))).astype(f),
+        u=rng.standard_normal((b, l_, d)).astype(f),
+        delta=(0.5 * rng.standard_normal((b, l_, d))).astype(f),
         A=-np.exp(rng.uniform(0.0, np.log(16.0), (d, n))).astype(f),
         B=rng.standard_normal(gshape).astype(f),
         C=rng.standard_normal(gshape).astype(f),
         D=rng.standard_normal((d,)).astype(f),
-        z=rng.standard_normal((b, l, d)).astype(f),
+        z=rng.standard_normal((b, l_, d)).astype(f),
         delta_bias=np.log(np.expm1(np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), d)))).astype(f),
         initial_state=rng.standard_normal((b, d, n)).astype(f),
     )
     for k in ("u", "delta", "z", "B", "C"):
         x[k] = np.asarray(jnp.asarray(x[k], dtype).astype(jnp.float32))
-    seg = np.cumsum(rng.random((b, l)) < 0.01, axis=1).astype(np.int32) if segments else None
+    seg = np.cumsum(rng.random((b, l_)) < 0.01, axis=1).astype(np.int32) if segments else None
     return x, seg
 
 
@@ -122,13 +121,13 @@ def check(impl):
         dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32).astype(y.dtype)
         dh = jnp.asarray(rng.standard_normal(h.shape), jnp.float32)
         t0 = time.perf_counter()
-        fb = jax.jit(lambda *v: jax.vjp(f, *v)[1]((dy, dh)))
+        fb = jax.jit(lambda *v, f=f, dy=dy, dh=dh: jax.vjp(f, *v)[1]((dy, dh)))
         gk = fb(*xs)
         jax.block_until_ready(gk)
         row["lower_bwd_s"] = time.perf_counter() - t0
         fr = make_fn("reference", dtype, seg)
         with jax.numpy_rank_promotion("allow"):
-            gr = jax.jit(lambda *v: jax.vjp(fr, *v)[1]((dy, dh)))(*xs)
+            gr = jax.jit(lambda *v, fr=fr, dy=dy, dh=dh: jax.vjp(fr, *v)[1]((dy, dh)))(*xs)
         for k, a, b in zip(NAMES, gk, gr, strict=True):
             row["d" + k] = rel(a, b)
         gk2 = fb(*xs)
@@ -137,28 +136,29 @@ def check(impl):
         emit(row)
 
 
-def bench(impl, label, l, d, dtype, *, backward):
+def bench(impl, label, length, d, dtype, *, backward):
     rng = np.random.default_rng(0)
-    x, _ = inputs(rng, 8, l, d, 16, dtype)
+    l_ = length
+    x, _ = inputs(rng, 8, l_, d, 16, dtype)
     xs = [jnp.asarray(x[k]).astype(dtype) if k in ("u", "delta", "z", "B", "C")
           else jnp.asarray(x[k]) for k in NAMES]
     f = make_fn(impl, dtype, None)
-    row = dict(kind="time", impl=label, length=l, dim=d, dtype=dtype)
+    row = dict(kind="time", impl=label, length=l_, dim=d, dtype=dtype)
     t0 = time.perf_counter()
     fwd = jax.jit(f)
     row["fwd_ms"] = timeit(fwd, *xs)
     row["first_s"] = time.perf_counter() - t0
     s = jnp.dtype(dtype).itemsize
-    E, S = 8 * l * d, 8 * 16 * l
+    E, S = 8 * l_ * d, 8 * 16 * l_
     row["fwd_floor_ms"] = (4 * E + 2 * S) * s / BW * 1e3
     if backward:
         y, h = fwd(*xs)
         dy = jnp.ones_like(y)
         dh = jnp.ones_like(h)
-        fb = jax.jit(lambda *v: jax.vjp(f, *v)[1]((dy, dh)))
+        fb = jax.jit(lambda *v, f=f, dy=dy, dh=dh: jax.vjp(f, *v)[1]((dy, dh)))
         row["fwdbwd_ms"] = timeit(fb, *xs, reps=5, inner=5)
         row["fwdbwd_floor_ms"] = (11 * E + 6 * S) * s / BW * 1e3
-    off = OFFICIAL_MS.get((l, d, dtype))
+    off = OFFICIAL_MS.get((l_, d, dtype))
     if off:
         row["official_fwd_ms"], row["official_fwdbwd_ms"] = off
     emit(row)
@@ -198,11 +198,12 @@ def main():
                     rows.append(bench(v, label, 2048, 2048, dtype, backward=False))
                 except Exception as e:  # keep timing the others; the error is reported
                     emit(dict(kind="error", impl=label, dtype=dtype, error=repr(e)[:400]))
-    for l in map(int, a.sizes.split(",")):
+    for length in map(int, a.sizes.split(",")):
         for d in map(int, a.dims.split(",")):
             for dtype in a.dtypes.split(","):
-                rows.append(bench(impl, "default", l, d, dtype, backward=not a.no_backward))
-    print("\n| impl | L | D | dtype | fwd ms | x official | % floor | fwd+bwd ms | x official | % floor |")
+                rows.append(bench(impl, "default", length, d, dtype, backward=not a.no_backward))
+    print("\n| impl | L | D | dtype | fwd ms | x official | % floor "
+          "| fwd+bwd ms | x official | % floor |")
     for r in rows:
         of, ob = r.get("official_fwd_ms"), r.get("official_fwdbwd_ms")
         fb = r.get("fwdbwd_ms")

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
-
 from mamba_ssm_core import ScanSpec, auto_implementation, implementations, selective_scan
 from mamba_ssm_core import _pallas_mosaic as pm
 from mamba_ssm_core._pallas_mosaic import PallasMosaicScan
+
 from tests import oracle
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -42,25 +42,26 @@ REL = {"float32": 2e-5, "bfloat16": 1.5e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-def make_inputs(rng, b, l, d, n, *, groups=None, dtype="float32", segments=True):
+def make_inputs(rng, b, length, d, n, *, groups=None, dtype="float32", segments=True):
     """Fresh random inputs in realistic Mamba ranges (numpy float32, rounded through dtype)."""
-    gshape = (b, l, n) if groups is None else (b, l, groups, n)
+    l_ = length
+    gshape = (b, l_, n) if groups is None else (b, l_, groups, n)
     f = np.float32
     inp = dict(
-        u=rng.standard_normal((b, l, d)).astype(f),
-        delta=(0.5 * rng.standard_normal((b, l, d))).astype(f),
+        u=rng.standard_normal((b, l_, d)).astype(f),
+        delta=(0.5 * rng.standard_normal((b, l_, d))).astype(f),
         A=-np.exp(rng.uniform(0.0, np.log(16.0), (d, n))).astype(f),
         B=rng.standard_normal(gshape).astype(f),
         C=rng.standard_normal(gshape).astype(f),
         D=rng.standard_normal((d,)).astype(f),
-        z=rng.standard_normal((b, l, d)).astype(f),
+        z=rng.standard_normal((b, l_, d)).astype(f),
         # Mamba's dt init: softplus^-1 of log-uniform(1e-3, 1e-1)
         delta_bias=np.log(np.expm1(np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), d)))).astype(f),
         initial_state=rng.standard_normal((b, d, n)).astype(f),
     )
     for k in ("u", "delta", "z", "B", "C"):
         inp[k] = np.asarray(jnp.asarray(inp[k], dtype).astype(jnp.float32))
-    seg = np.cumsum(rng.random((b, l)) < 0.05, axis=1).astype(np.int32) if segments else None
+    seg = np.cumsum(rng.random((b, l_)) < 0.05, axis=1).astype(np.int32) if segments else None
     return inp, seg
 
 

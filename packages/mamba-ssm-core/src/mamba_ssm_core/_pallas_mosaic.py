@@ -174,7 +174,8 @@ def _forward_call(cfg: _Config, dt, u, z, bm, cm, keep, bias, dskip, a2t, h0t):
     tiles = _tile_names(cfg)
     names = tiles + ["bm", "cm"] + (["keep"] if cfg.has_segments else [])
     names += ["bias", "dskip", "a2t", "h0t"]
-    arrays = dict(dt=dt, u=u, z=z, bm=bm, cm=cm, keep=keep, bias=bias, dskip=dskip, a2t=a2t, h0t=h0t)
+    arrays = dict(dt=dt, u=u, z=z, bm=bm, cm=cm, keep=keep, bias=bias, dskip=dskip, a2t=a2t,
+                  h0t=h0t)
     out_names = ["y", "final"] + (["states"] if cfg.save_states else [])
     out_types = [
         jax.ShapeDtypeStruct((cfg.batch, cfg.length, cfg.dim), u.dtype),
@@ -263,7 +264,8 @@ def _forward_call(cfg: _Config, dt, u, z, bm, cm, keep, bias, dskip, a2t, h0t):
 
         def finish_token(n, slot, t):
             """Second warpgroup's partial + own partial + skip, gated: y of token t (splits=2)."""
-            y = _vec(plgpu, refs["ypart"].at[2, t]) + _vec(plgpu, refs["ypart"].at[lax.rem(n, 2), t])
+            y = _vec(plgpu, refs["ypart"].at[2, t])
+            y = y + _vec(plgpu, refs["ypart"].at[lax.rem(n, 2), t])
             uu = _vec(plgpu, refs["u_s"].at[slot, t]).astype(_F32)
             y = y + dskip_v * uu
             if cfg.has_z:
@@ -437,7 +439,8 @@ def _backward_call(cfg: _Config, dt, u, z, dout, bm, cm, keep, bias, dskip, a2t,
             for k in ("bm", "cm"):
                 plgpu.copy_gmem_to_smem(refs[k].at[b, rows, grp], refs[k + "_s"].at[slot], bar)
             if cfg.has_segments:
-                plgpu.copy_gmem_to_smem(refs["keep"].at[b, nt - 1 - i], refs["keep_s"].at[slot], bar)
+                plgpu.copy_gmem_to_smem(
+                    refs["keep"].at[b, nt - 1 - i], refs["keep_s"].at[slot], bar)
 
         for i in range(min(stages, nt)):
             fetch(i, i)
@@ -770,7 +773,8 @@ class PallasMosaicScan(ScanImplementation):
             raise ValueError(f"PallasMosaicScan: splits must be 1 or 2, got {self.splits}")
         for field in ("chunk", "stages", "unroll", "bwd_chunk"):
             if getattr(self, field) < 1:
-                raise ValueError(f"PallasMosaicScan: {field} must be >= 1, got {getattr(self, field)}")
+                raise ValueError(
+                    f"PallasMosaicScan: {field} must be >= 1, got {getattr(self, field)}")
         if self.chunk % self.bwd_chunk or self.bwd_chunk % 2:
             raise ValueError(
                 f"PallasMosaicScan: bwd_chunk ({self.bwd_chunk}) must be even and divide "
@@ -793,8 +797,9 @@ class PallasMosaicScan(ScanImplementation):
         if spec.state not in SUPPORTED_STATES:
             return f"state {spec.state} not in {SUPPORTED_STATES}"
         if self.bwd_chunk % _reduce_tokens_of(spec.state):
-            return (f"bwd_chunk {self.bwd_chunk} is not a multiple of {_reduce_tokens_of(spec.state)}, "
-                    f"the tokens whose dB/dC terms the backward sums at once at state {spec.state}")
+            group = _reduce_tokens_of(spec.state)
+            return (f"bwd_chunk {self.bwd_chunk} is not a multiple of {group}, the tokens "
+                    f"whose dB/dC terms the backward sums at once at state {spec.state}")
         if spec.state % self.splits:
             return f"state {spec.state} does not split over {self.splits} warpgroups"
         if spec.dtype not in _DTYPES:
@@ -819,6 +824,10 @@ class PallasMosaicScan(ScanImplementation):
             interpret=self.interpret)
 
     def __call__(self, args: ScanArgs, *, delta_softplus: bool) -> tuple[Array, Array]:
+        if args.compute_dtype != jnp.float32:
+            # The kernels compute in float32; a float64 input must not be rounded silently.
+            raise ValueError(f"{self.name}: computes in float32, but an input is "
+                             f"{args.compute_dtype}; use impl='reference' or 'chunked'")
         cfg = self.config(ScanSpec.of(args), delta_softplus=delta_softplus)
         keep = None
         if args.segment_ids is not None:

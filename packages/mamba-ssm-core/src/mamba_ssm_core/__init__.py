@@ -25,6 +25,8 @@ from .sharding import train_shardings as train_shardings
 from .state_update import selective_state_update as selective_state_update
 from .state_update import selective_state_update_tokens as selective_state_update_tokens
 from .tokenizer import ByteTokenizer as ByteTokenizer
+from .training import TrainConfig as TrainConfig
+from .training import train as train
 from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import load_pretrained as load_pretrained
 from .checkpoint import save_pretrained as save_pretrained
@@ -56,6 +58,8 @@ from .generation import sample_token as sample_token
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig",
+    "train",
     "GenerationOutput",
     "Sampling",
     "generate",

@@ -231,7 +231,10 @@ def test_bad_inputs_are_refused():
 # ---------------------------------------------------------------------------- the cache
 
 
-def test_cached_decoding_equals_the_full_forward():
+@pytest.mark.parametrize("impl", ["auto", "recurrent"])
+def test_cached_decoding_equals_the_full_forward(impl):
+    """Chunked prefill and decoding (with the decoding ops for "auto", a length-1
+    scan otherwise) give the full forward's logits and state."""
     config = dataclasses.replace(TINY, use_bias=True, conv_kernel=3)
     params = init_params(jax.random.key(7), config)
     ids = _ids(config, 2, 12, seed=3)
@@ -243,10 +246,10 @@ def test_cached_decoding_equals_the_full_forward():
         out = []
         # chunked prefill: 5 tokens, then 1, then 3 on the warm cache, then one by one
         for a, b in ((0, 5), (5, 6), (6, 9)):
-            logits, cache = forward(params, config, ids[:, a:b], cache=cache)
+            logits, cache = forward(params, config, ids[:, a:b], cache=cache, impl=impl)
             out.append(logits)
         for t in range(9, 12):
-            logits, cache = decode_step(params, config, ids[:, t], cache)
+            logits, cache = decode_step(params, config, ids[:, t], cache, impl=impl)
             out.append(logits[:, None])
         return jnp.concatenate(out, axis=1), cache
 
@@ -273,16 +276,19 @@ def test_left_padding_leaves_each_row_as_without_it():
         np.testing.assert_allclose(logits[row, -1], ref_logits[0, -1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(cache.ssm_state[:, row], ref_cache.ssm_state[:, 0],
                                    rtol=1e-5, atol=1e-7)
+        # (rounding of the batch-2 and batch-1 matmuls may differ in the last bit)
         np.testing.assert_allclose(cache.conv_state[:, row], ref_cache.conv_state[:, 0],
-                                   rtol=1e-6, atol=1e-7)
+                                   rtol=1e-5, atol=1e-6)
 
 
-def test_decoding_is_constant_work_per_token():
-    """decode_step's only loop is the one over layers: nothing scans the past tokens."""
+@pytest.mark.parametrize("impl", ["auto", "recurrent"])
+def test_decoding_is_constant_work_per_token(impl):
+    """decode_step loops over the layers and at most over the one new token: nothing
+    scans the past tokens."""
     config = dataclasses.replace(TINY, num_hidden_layers=3)
     params = abstract_params(config)
     cache = jax.eval_shape(lambda: init_cache(config, 2))
-    jaxpr = jax.make_jaxpr(lambda p, t, c: decode_step(p, config, t, c))(
+    jaxpr = jax.make_jaxpr(lambda p, t, c: decode_step(p, config, t, c, impl=impl))(
         params, jax.ShapeDtypeStruct((2,), jnp.int32), cache)
 
     def loops(jaxpr):
@@ -297,16 +303,20 @@ def test_decoding_is_constant_work_per_token():
                         yield from loops(sub.jaxpr)
 
     found = list(loops(jaxpr.jaxpr))
-    assert [e.primitive.name for e in found] == ["scan"]
-    assert found[0].params["length"] == config.num_hidden_layers
+    assert all(e.primitive.name == "scan" for e in found)
+    lengths = [e.params["length"] for e in found]
+    assert lengths[0] == config.num_hidden_layers and all(n == 1 for n in lengths[1:])
+    assert len(lengths) == (1 if impl == "auto" else 2)
 
 
-def test_masked_rows_keep_their_state_while_decoding():
+@pytest.mark.parametrize("impl", ["auto", "recurrent"])
+def test_masked_rows_keep_their_state_while_decoding(impl):
     params = init_params(jax.random.key(9), TINY)
     _, cache = jax.jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
         params, _ids(TINY, 2, 5))
     _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
-                                                mask=jnp.array([True, False])))(params, cache)
+                                                mask=jnp.array([True, False]), impl=impl))(
+        params, cache)
     np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])
     np.testing.assert_array_equal(after.conv_state[:, 1], cache.conv_state[:, 1])
     assert not np.array_equal(after.ssm_state[:, 0], cache.ssm_state[:, 0])

@@ -54,10 +54,12 @@ from .generation import Sampling as Sampling
 from .generation import generate as generate
 from .generation import process_logits as process_logits
 from .generation import sample_token as sample_token
+from ._scan_recurrent import RecurrentScan as RecurrentScan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RecurrentScan",
     "TrainConfig",
     "train",
     "GenerationOutput",

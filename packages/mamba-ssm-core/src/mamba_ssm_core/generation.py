@@ -150,11 +150,11 @@ def _mark_seen(seen: Array, tok: Array) -> Array:
 @functools.partial(
     jax.jit,
     static_argnames=("config", "sampling", "max_new_tokens", "eos", "pad", "dtype", "impl",
-                     "callback"),
+                     "callback", "unroll_layers"),
     donate_argnames=("cache",),
 )
 def _generate(params, input_ids, mask, key, cache, *, config, sampling, max_new_tokens, eos,
-              pad, dtype, impl, callback):
+              pad, dtype, impl, callback, unroll_layers=False):
     batch = input_ids.shape[0]
     hidden, cache = backbone(params, config, input_ids, cache=cache, mask=mask, impl=impl,
                              dtype=dtype)
@@ -189,7 +189,8 @@ def _generate(params, input_ids, mask, key, cache, *, config, sampling, max_new_
     def body(carry):
         i, tok, done, lengths, tokens, seen, cache, key = carry
         # finished rows keep their state: the cache stays each row's true state
-        logits, cache = decode_step(params, config, tok, cache, mask=~done, dtype=dtype)
+        logits, cache = decode_step(params, config, tok, cache, mask=~done, dtype=dtype,
+                                    impl=impl, unroll_layers=unroll_layers)
         key, sub = jax.random.split(key)
         new = sample_token(sub, logits, sampling, seen)
         tok, done, lengths, tokens, seen = emit(i, new, done, lengths, tokens, seen)
@@ -236,7 +237,7 @@ def prepare_generate(
     pad_token_id: int | None = None,
     callback: StreamCallback | None = None,
     dtype: Any = None,
-    impl: str | ScanImplementation = "auto",
+    impl: str | ScanImplementation | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
     """Check the arguments of `generate` and return (args, static) with
     `_generate(*args, **static)` the generation; `_generate.lower(*args,
@@ -270,6 +271,9 @@ def prepare_generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
     cd = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
         params["backbone"]["embeddings"]["weight"])
+    if impl is None:
+        # nothing here is differentiated: the fastest forward, not the training default
+        impl = "recurrent" if jax.default_backend() == "cpu" else "auto"
     args = (params, jnp.asarray(input_ids, jnp.int32), mask, key, init_cache(config, batch, cd))
     static = dict(config=config, sampling=sampling, max_new_tokens=int(max_new_tokens), eos=eos,
                   pad=int(pad), dtype=cd, impl=impl, callback=callback)
@@ -294,7 +298,7 @@ def generate(
     pad_token_id: int | None = None,
     callback: StreamCallback | None = None,
     dtype: Any = None,
-    impl: str | ScanImplementation = "auto",
+    impl: str | ScanImplementation | None = None,
 ) -> GenerationOutput:
     """Continue each prompt by up to max_new_tokens tokens.
 
@@ -306,7 +310,9 @@ def generate(
     pad_token_id: fills a row after its EOS (default config.pad_token_id, else 0).
     callback: called as callback(step, tokens (batch,), done (batch,)) with NumPy
     arrays after each step, in order, from inside the compiled loop (streaming).
-    dtype: compute dtype (default the embedding's); impl: the prefill's scan.
+    dtype: compute dtype (default the embedding's). impl: the scan for the prefill and
+    the decoding steps (see `decode_step`); None takes the fastest forward:
+    "recurrent" on CPUs, else "auto".
 
     Returns GenerationOutput(tokens (batch, max_new_tokens) int32, lengths (batch,),
     the final cache). The cache buffers are donated to the compiled loop, which is

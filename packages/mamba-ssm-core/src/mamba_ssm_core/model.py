@@ -43,6 +43,7 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 
 from . import _checks
 from ._scan_common import ScanImplementation
+from ._scan_recurrent import RecurrentScan as RecurrentScan  # registers "recurrent"
 from .config import MambaConfig
 from .conv import causal_conv1d, causal_conv1d_update
 from .params import check_params
@@ -150,8 +151,10 @@ def mixer(
     params: one layer's "mixer" dict, unstacked (see `params`). x: (batch, length, H),
     whose dtype is the compute dtype. state: the layer's `MixerState` to continue from,
     or None to start from zeros. mask: (batch, length), nonzero for real tokens (see
-    the module docstring). impl: the selective-scan implementation for length > 1;
-    one token with a state takes the O(1) recurrent update.
+    the module docstring). impl: the selective-scan implementation. One token with a
+    state and impl "auto" takes the decoding ops (`causal_conv1d_update`,
+    `selective_state_update`); any other impl runs the conv and the scan of length 1
+    with it (on CPUs "recurrent" is the faster of the two; `generate` uses it).
 
     Returns (y (batch, length, H) in x's dtype, the new MixerState when `state` was
     given, else None).
@@ -177,16 +180,12 @@ def mixer(
         dt, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
         return jnp.einsum("...r,ir->...i", dt, params["dt_proj"]["weight"].astype(cd)), B, C
 
-    if state is not None and x.shape[1] == 1:
+    if state is not None and x.shape[1] == 1 and isinstance(impl, str) and impl == "auto":
         u, conv_state = causal_conv1d_update(state.conv, xs[:, 0], conv_w, conv_b,
                                              activation="silu")
         dt, B, C = project(u)
         y, ssm_state = selective_state_update(state.ssm, u, dt, A, B, C, D, z=z[:, 0],
                                               dt_bias=dt_bias, dt_softplus=True)
-        if keep is not None:
-            # a padded step leaves the row's state as it was; keep is (batch, 1, 1)
-            conv_state = jnp.where(keep, conv_state, state.conv)
-            ssm_state = jnp.where(keep, ssm_state, state.ssm)
         y = y[:, None]
     else:
         u, conv_state = causal_conv1d(
@@ -199,6 +198,11 @@ def mixer(
             u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm, return_final_state=True,
             impl=impl)
+    if state is not None and keep is not None and x.shape[1] == 1:
+        # a masked decoding step leaves the row's state exactly as it was (the conv
+        # window too, which the general path would shift); keep is (batch, 1, 1)
+        conv_state = jnp.where(keep, conv_state, state.conv)
+        ssm_state = jnp.where(keep, ssm_state, state.ssm)
     out = _linear(y, params["out_proj"])
     return out, (None if state is None else MixerState(conv_state, ssm_state))
 
@@ -281,6 +285,7 @@ def backbone(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
+    unroll_layers: bool = False,
 ) -> Float[Array, "batch length hidden"] | tuple[Float[Array, "batch length hidden"], MambaCache]:
     """Embedding, every layer (a `lax.scan` over the stacked layers), final RMSNorm.
 
@@ -329,7 +334,8 @@ def backbone(
     init = (hidden, jnp.zeros(hidden.shape, rd))
     states = None if cache is None else (cache.conv_state, cache.ssm_state)
     (hidden, residual), new_states = jax.lax.scan(
-        body, init, (params["backbone"]["layers"], states))
+        body, init, (params["backbone"]["layers"], states),
+        unroll=config.num_hidden_layers if unroll_layers else 1)
     residual = residual + hidden.astype(rd)
     out = rms_norm(residual, params["backbone"]["norm_f"]["weight"],
                    config.layer_norm_epsilon).astype(cd)
@@ -359,11 +365,12 @@ def forward(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
+    unroll_layers: bool = False,
 ) -> Float[Array, "batch length vocab"] | tuple[Float[Array, "batch length vocab"], MambaCache]:
     """The language model: logits (batch, length, vocab_size) float32, and with a cache,
     (logits, the updated cache). Arguments as for `backbone`."""
     out = backbone(params, config, input_ids, inputs_embeds=inputs_embeds, cache=cache,
-                   mask=mask, impl=impl, dtype=dtype)
+                   mask=mask, impl=impl, dtype=dtype, unroll_layers=unroll_layers)
     if cache is None:
         return lm_head(params, config, out)
     hidden, new_cache = out
@@ -378,15 +385,19 @@ def decode_step(
     *,
     mask: Bool[Array, " batch"] | None = None,
     dtype: Any = None,
+    impl: Impl = "auto",
+    unroll_layers: bool = False,
 ) -> tuple[Float[Array, "batch vocab"], MambaCache]:
     """One decoding step: token (batch,) -> (logits (batch, vocab_size) float32, new cache).
 
-    O(1) in the length so far: the conv window and the SSM state are updated in place
-    of a scan. Rows where `mask` (batch,) is False keep their state unchanged.
+    O(1) in the length so far: the conv window and the SSM state advance by one step
+    (with the decoding ops for impl "auto", else a length-1 scan with `impl`, see
+    `mixer`). Rows where `mask` (batch,) is False keep their state unchanged.
     """
     _checks.check_rank("decode_step", "token", token, (1,), "(batch,)")
     logits, cache = forward(params, config, jnp.asarray(token)[:, None], cache=cache,
-                            mask=None if mask is None else mask[:, None], dtype=dtype)
+                            mask=None if mask is None else mask[:, None], dtype=dtype,
+                            impl=impl, unroll_layers=unroll_layers)
     return logits[:, 0], cache
 
 

@@ -78,16 +78,6 @@ def to_jax(inp, dtype):
 
 
 def run(impl, x, seg, *, softplus=True):
-    if impl == "reference":
-        # The shared helpers of the reference (prepare_delta, finish) broadcast (dim,)
-        # vectors against (batch, length, dim) implicitly, which the tree's strict
-        # rank promotion rejects; allow it for the reference only.
-        with jax.numpy_rank_promotion("allow"):
-            return _run(impl, x, seg, softplus=softplus)
-    return _run(impl, x, seg, softplus=softplus)
-
-
-def _run(impl, x, seg, *, softplus):
     return selective_scan(
         x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), z=x.get("z"),
         delta_bias=x.get("delta_bias"), delta_softplus=softplus,
@@ -191,9 +181,7 @@ def test_interpret_gradients_bfloat16_no_options():
 def test_interpret_lengths(length):
     """One step, exactly one tile, and a tile plus a partial sub-tile."""
     rng = np.random.default_rng(10 + length)
-    # no segments at length 1: the shared keep_mask helper the reference uses returns
-    # a (batch, 0) mask there
-    inp, seg = make_inputs(rng, 1, length, 4, 3, segments=length > 1)
+    inp, seg = make_inputs(rng, 1, length, 4, 3)
     x = to_jax(inp, "float32")
     y, h = run(interp(), x, seg)
     y_ref, h_ref = oracle_of(inp, seg)

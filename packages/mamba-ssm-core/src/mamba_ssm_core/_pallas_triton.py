@@ -39,6 +39,7 @@ from ._scan_common import (
     ScanArgs,
     ScanImplementation,
     ScanSpec,
+    keep_mask,
     prepare_delta,
 )
 from ._scan_reference import scan_steps
@@ -527,15 +528,12 @@ _backward = jax.jit(_backward_impl, static_argnums=(0,))
 def _reference_core(cfg: _Kernel, u, dt, z, A, B, C, D, bias, keep, h0):
     """The sequential scan on the kernels' padded layouts: y (b, l, dp), final state (b, N, dp)."""
     batch, _, dp = u.shape
-    # (dim,) vectors expanded explicitly: callers may run with rank promotion 'raise'
-    delta = prepare_delta(dt, None if bias is None else bias[None, None, :], cfg.softplus)
+    delta = prepare_delta(dt, bias, cfg.softplus)
     h0 = jnp.zeros((batch, dp, cfg.state), _F32) if h0 is None else jnp.swapaxes(h0, 1, 2)
     uf = u.astype(_F32)
-    # scan_steps broadcasts (batch, dim, 1) against (dim, state) implicitly
-    with jax.numpy_rank_promotion("allow"):
-        y, h = scan_steps(h0, delta, uf, A.T, B, C, None if keep is None else keep.astype(bool))
+    y, h = scan_steps(h0, delta, uf, A.T, B, C, None if keep is None else keep.astype(bool))
     if D is not None:
-        y = y + uf * D[None, None, :]
+        y = y + uf * D[None, None, :]  # explicit: the tree tests with rank promotion "raise"
     if z is not None:
         y = y * jax.nn.silu(z.astype(_F32))
     return y.astype(u.dtype), jnp.swapaxes(h, 1, 2)
@@ -578,16 +576,6 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 # ----------------------------------------------------------------------------
 # The registered configuration.
-
-
-def _keep(segment_ids: Array | None) -> Array | None:
-    """(batch, length) int32: 0 where the segment id changes (the state restarts), else 1."""
-    if segment_ids is None:
-        return None
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    # the first step never restarts (explicit width 1: slicing `same` is empty at length 1)
-    first = jnp.ones((segment_ids.shape[0], 1), bool)
-    return jnp.concatenate([first, same], axis=1).astype(jnp.int32)
 
 
 def _pad_channels(x: Array | None, groups: int, dg: int, dgp: int) -> Array | None:
@@ -761,7 +749,8 @@ class PallasTritonScan(ScanImplementation):
 
         f32 = lambda x: None if x is None else x.astype(_F32)
         h0 = args.initial_state
-        keep = _keep(args.segment_ids)
+        keep = keep_mask(args.segment_ids)
+        keep = None if keep is None else keep.astype(jnp.int32)
         y, hlast = _scan(
             cfg,
             pad(args.u),

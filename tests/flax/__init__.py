@@ -1,0 +1,1 @@
+"""Tests of mamba-flax beyond the shared conformance suite."""

@@ -1,0 +1,167 @@
+"""`MambaBackbone`: embedding, residual blocks, final RMSNorm, over `mamba_ssm_core.backbone`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from jax import Array
+from jaxtyping import Bool, Float, Int
+from mamba_ssm_core import MambaCache, MambaConfig, backbone, init_cache, init_params
+from mamba_ssm_core.params import param_shapes
+
+from . import _config
+from ._block import _BLOCK_ARGS, MambaResidualBlock
+from ._weights import CoreWeights
+
+_BACKBONE_ARGS = ("vocab_size", *_BLOCK_ARGS)
+
+_IdsLike = Int[Array, "batch length"] | Int[np.ndarray, "batch length"]
+_MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
+             | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"] | None)
+
+
+@keras.saving.register_keras_serializable(package="mamba_keras")
+class MambaBackbone(CoreWeights, keras.Model):
+    """The Mamba backbone (`mamba_ssm_core.backbone`): token embedding, the residual
+    blocks, the final RMSNorm. Holds no LM head (see `MambaCausalLM`).
+
+    Call: token_ids (batch, length) int -> hidden states (batch, length, H) in the
+    compute dtype. padding_mask (batch, length), true on real tokens, is for left
+    padding: padded steps leave the state unchanged.
+
+    Arguments: vocab_size, hidden_size, num_hidden_layers, then those of
+    `MambaResidualBlock` with the original Mamba's defaults. seed: an int for a
+    reproducible initialisation (the core's `init_params`), None to draw from Keras's
+    global seed generator.
+
+    Weights: embeddings.weight (V, H), norm_f.weight (H,), and `residual_blocks`, a list
+    of `MambaResidualBlock` layers (`residual_block_{i}`). The core runs the blocks as
+    one `lax.scan` over their weights stacked on a leading axis.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank: int | None = None,
+        use_bias: bool = False,
+        use_conv_bias: bool = True,
+        layer_norm_epsilon: float = 1e-5,
+        residual_in_fp32: bool = True,
+        time_step_min: float = 0.001,
+        time_step_max: float = 0.1,
+        time_step_floor: float = 1e-4,
+        time_step_scale: float = 1.0,
+        time_step_init_scheme: str = "random",
+        rescale_prenorm_residual: bool = True,
+        impl: str = "auto",
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.state_size = state_size
+        self.expand = expand
+        self.conv_kernel = conv_kernel
+        self.time_step_rank = _config.time_step_rank(hidden_size, time_step_rank)
+        self.use_bias = use_bias
+        self.use_conv_bias = use_conv_bias
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.residual_in_fp32 = residual_in_fp32
+        self.time_step_min = time_step_min
+        self.time_step_max = time_step_max
+        self.time_step_floor = time_step_floor
+        self.time_step_scale = time_step_scale
+        self.time_step_init_scheme = time_step_init_scheme
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.impl = _config.check_impl(impl)
+        self.seed = seed
+        self._init_core_weights()
+        # Tied: the backbone holds no head (the core's backbone checks whole-LM
+        # parameters, so an untied config would ask for an lm_head it never reads).
+        self._config = _config.mamba_config(
+            **{name: getattr(self, name) for name in _BACKBONE_ARGS})
+        self.residual_blocks = [
+            MambaResidualBlock.from_mamba_config(
+                self._config, impl=impl, dtype=self.dtype_policy, name=f"residual_block_{i}")
+            for i in range(num_hidden_layers)
+        ]
+
+    @classmethod
+    def from_mamba_config(cls, config: MambaConfig, **kwargs: Any) -> MambaBackbone:
+        """A backbone with the sizes of `config`; kwargs as for the constructor."""
+        return cls(**_config.config_fields(config, _BACKBONE_ARGS), **kwargs)
+
+    @property
+    def mamba_config(self) -> MambaConfig:
+        """The `MambaConfig` the core is called with (tied: the backbone has no head)."""
+        return self._config
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p: s for p, s in param_shapes(self._config).items() if p.startswith("backbone.")}
+
+    def _build_input_shape(self) -> tuple[Any, ...]:
+        return (None, None)
+
+    def _core_tree(self, get: Any) -> dict[str, Any]:
+        blocks = [block._core_tree(get) for block in self.residual_blocks]
+        return {"backbone": {
+            "embeddings": {"weight": get(self._core_vars["embeddings.weight"])},
+            # the core's layout: every block's weights stacked on a leading layer axis
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks),
+            "norm_f": {"weight": get(self._core_vars["norm_f.weight"])},
+        }}
+
+    def _fresh_params(self) -> dict[str, Any]:
+        return init_params(_config.draw_key(self.seed), self._config)
+
+    def build(self, input_shape: Any = None) -> None:
+        params = self._take_pending()
+        if params is None:
+            params = self._fresh_params()
+        p = params["backbone"]
+        self._add_core_weight("embeddings.weight", p["embeddings"]["weight"])
+        for i, block in enumerate(self.residual_blocks):
+            block._set_pending(jax.tree.map(lambda a, i=i: a[i], p["layers"]))
+            block.build((None, None, self.hidden_size))
+        self._add_core_weight("norm_f.weight", p["norm_f"]["weight"])
+
+    def call(
+        self, token_ids: _IdsLike, padding_mask: _MaskLike = None
+    ) -> Float[Array, "batch length hidden"]:
+        return backbone(self.to_params(), self._config, token_ids, mask=padding_mask,
+                        impl=self.impl, dtype=self.compute_dtype)
+
+    def call_with_cache(
+        self, token_ids: _IdsLike, cache: MambaCache, padding_mask: _MaskLike = None
+    ) -> tuple[Float[Array, "batch length hidden"], MambaCache]:
+        """Continue from `cache` (from `init_cache` or a previous call): returns (hidden
+        states, the updated cache). Many tokens run the parallel scan from the cached
+        state (prefill), one token the O(1) recurrent update."""
+        return backbone(self.to_params(), self._config, token_ids, cache=cache,
+                        mask=padding_mask, impl=self.impl, dtype=self.compute_dtype)
+
+    def init_cache(self, batch_size: int) -> MambaCache:
+        """A zero decoding cache: conv_state (layers, batch, K-1, I) in the compute dtype,
+        ssm_state (layers, batch, I, N) float32."""
+        return init_cache(self._config, batch_size, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return (*tuple(input_shape), self.hidden_size)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in _BACKBONE_ARGS})
+        config.update({"impl": self.impl, "seed": self.seed})
+        return config
+

@@ -1,0 +1,158 @@
+"""`MambaMixer`: one Mamba mixer as a Keras layer over `mamba_ssm_core.mixer`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import keras
+from jax import Array
+from jaxtyping import Bool, Float, Int
+from mamba_ssm_core import MambaConfig, MixerState, init_params, layer_params, mixer
+from mamba_ssm_core.params import flatten, layer_shapes
+
+from . import _config
+from ._weights import CoreWeights
+
+_MIXER_ARGS = ("hidden_size", *_config.MIXER_DEFAULTS, "num_hidden_layers")
+
+
+def fresh_layer(config: MambaConfig, seed: int | None) -> dict[str, Any]:
+    """One layer's parameters {"norm", "mixer"} with the official initialisation of a
+    layer in a `config.num_hidden_layers`-layer model (out_proj is rescaled by depth)."""
+    # The core initialises whole models only; a one-token vocabulary keeps the
+    # embedding it also draws negligible.
+    small = dataclasses.replace(config, vocab_size=1)
+    return layer_params(init_params(_config.draw_key(seed), small), 0)
+
+
+@keras.saving.register_keras_serializable(package="mamba_keras")
+class MambaMixer(CoreWeights, keras.layers.Layer):
+    """One Mamba mixer: in_proj, causal depthwise conv + SiLU, the selective scan gated
+    by SiLU(z), out_proj (`mamba_ssm_core.mixer`, which holds all the math).
+
+    Call: x (batch, length, hidden_size) -> (batch, length, hidden_size) in the compute
+    dtype; `mask` (batch, length), true on real tokens (Keras masking; padded steps
+    leave the SSM state unchanged), is passed through.
+
+    Arguments are `MambaConfig`'s field names with the original Mamba's defaults:
+    hidden_size (H), state_size (N), expand (I = expand * H), conv_kernel (K),
+    time_step_rank (R; None for ceil(H / 16)), use_bias (in_proj, out_proj),
+    use_conv_bias. Initialisation only: time_step_min/max/floor/scale/init_scheme,
+    rescale_prenorm_residual and num_hidden_layers (the depth of the model the mixer
+    sits in: out_proj starts divided by its square root). impl: the name of the
+    selective-scan implementation. seed: an int for a reproducible initialisation,
+    None to draw from Keras's global seed generator.
+
+    Weights, named and laid out as the core's parameters: in_proj.weight (2I, H),
+    conv1d.weight (I, 1, K), x_proj.weight (R + 2N, I), dt_proj.weight (I, R),
+    dt_proj.bias (I,), A_log (I, N), D (I,), out_proj.weight (H, I), and the biases.
+    A_log, D and dt_proj.bias are float32 whatever the dtype policy.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank: int | None = None,
+        use_bias: bool = False,
+        use_conv_bias: bool = True,
+        time_step_min: float = 0.001,
+        time_step_max: float = 0.1,
+        time_step_floor: float = 1e-4,
+        time_step_scale: float = 1.0,
+        time_step_init_scheme: str = "random",
+        rescale_prenorm_residual: bool = True,
+        num_hidden_layers: int = 1,
+        impl: str = "auto",
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.state_size = state_size
+        self.expand = expand
+        self.conv_kernel = conv_kernel
+        self.time_step_rank = _config.time_step_rank(hidden_size, time_step_rank)
+        self.use_bias = use_bias
+        self.use_conv_bias = use_conv_bias
+        self.time_step_min = time_step_min
+        self.time_step_max = time_step_max
+        self.time_step_floor = time_step_floor
+        self.time_step_scale = time_step_scale
+        self.time_step_init_scheme = time_step_init_scheme
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.num_hidden_layers = num_hidden_layers
+        self.impl = _config.check_impl(impl)
+        self.seed = seed
+        self.supports_masking = True
+        self._init_core_weights()
+        self._config = _config.mamba_config(
+            **{name: getattr(self, name) for name in _MIXER_ARGS})
+
+    @classmethod
+    def from_mamba_config(cls, config: MambaConfig, **kwargs: Any) -> MambaMixer:
+        """A mixer with the sizes of `config`; kwargs (impl, seed, name, dtype, ...) as
+        for the constructor."""
+        return cls(**_config.config_fields(config, _MIXER_ARGS), **kwargs)
+
+    @property
+    def mamba_config(self) -> MambaConfig:
+        """The `MambaConfig` the core is called with (a one-token vocabulary)."""
+        return self._config
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p[len("mixer."):]: s for p, s in layer_shapes(self._config).items()
+                if p.startswith("mixer.")}
+
+    def _build_input_shape(self) -> tuple[Any, ...]:
+        return (None, None, self.hidden_size)
+
+    def build(self, input_shape: Any) -> None:
+        params = self._take_pending()
+        if params is None:
+            params = fresh_layer(self._config, self.seed)["mixer"]
+        flat = flatten(params)
+        for path in self._expected_shapes():  # a fixed order: .keras files store by index
+            self._add_core_weight(path, flat[path])
+
+    def call(
+        self,
+        inputs: Float[Array, "batch length hidden"],
+        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+    ) -> Float[Array, "batch length hidden"]:
+        y, _ = mixer(self.to_params(), self._config, inputs, mask=mask, impl=self.impl)
+        return y
+
+    def call_with_state(
+        self,
+        inputs: Float[Array, "batch length hidden"],
+        state: MixerState,
+        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+    ) -> tuple[Float[Array, "batch length hidden"], MixerState]:
+        """Continue from `state` (from `init_state` or a previous call): returns (y, the
+        state after the last step). One step is the O(1) recurrent update."""
+        inputs = jnp.asarray(inputs).astype(self.compute_dtype)
+        return mixer(self.to_params(), self._config, inputs, state=state, mask=mask,
+                     impl=self.impl)
+
+    def init_state(self, batch_size: int) -> MixerState:
+        """A zero decoding state: conv (batch, K-1, I) in the compute dtype, ssm
+        (batch, I, N) float32."""
+        I, N, K = (self._config.intermediate_size,  # noqa: E741
+                   self.state_size, self.conv_kernel)
+        return MixerState(jnp.zeros((batch_size, K - 1, I), self.compute_dtype),
+                          jnp.zeros((batch_size, I, N), jnp.float32))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return tuple(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in _MIXER_ARGS})
+        config.update({"impl": self.impl, "seed": self.seed})
+        return config
+

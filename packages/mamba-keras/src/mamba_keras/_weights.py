@@ -1,0 +1,143 @@
+"""Keras weights named by the core's parameter paths, and the conversion to and from them.
+
+Each layer creates its weights in `build` with `add_weight(name=<dotted core path>)` in
+the core's (PyTorch) layouts, so converting is renaming: `to_params()` gives the
+core's nested dict, `load_params(params)` puts one in. Weights are never autocast:
+the core casts each one to the compute dtype where it is used, and keeps A_log, D,
+dt_proj.bias and the norm weights in float32, so a mixed-precision layer computes
+exactly what the core computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from mamba_ssm_core import ParamsError
+from mamba_ssm_core.params import SSM_PARAM_PATHS, flatten, unflatten
+
+Getter = Callable[[Any], Any]
+
+
+class _Pending:
+    """Parameters waiting for `build` (a plain holder: Keras would wrap a dict attribute)."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params = params
+
+
+class _Given:
+    """An initializer returning (a copy of) given values, cast to the variable's dtype."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Any:
+        if tuple(np.shape(self.value)) != tuple(shape):
+            raise ParamsError(f"a value of shape {tuple(np.shape(self.value))} for a weight of "
+                              f"shape {tuple(shape)}")
+        # a copy: Keras's compiled functions donate variable buffers, which must not be
+        # the caller's arrays
+        return jnp.array(self.value, dtype=dtype, copy=True)
+
+
+def check_shapes(where: str, params: Any, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ParamsError listing every missing, unexpected or misshapen leaf of `params`."""
+    if not isinstance(params, Mapping):
+        raise ParamsError(f"{where}: expected a nested dict of arrays, got "
+                          f"{type(params).__name__}")
+    got = flatten(params)
+    problems = [f"missing {p}: expected shape {expected[p]}"
+                for p in sorted(set(expected) - set(got))]
+    problems += [f"unexpected {p}: shape {tuple(np.shape(got[p]))}"
+                 for p in sorted(set(got) - set(expected))]
+    problems += [f"shape mismatch {p}: expected {expected[p]}, got {tuple(np.shape(got[p]))}"
+                 for p in sorted(set(got) & set(expected))
+                 if tuple(np.shape(got[p])) != tuple(expected[p])]
+    if problems:
+        raise ParamsError(f"{where}: the parameters do not fit ({len(problems)} problems):\n  "
+                          + "\n  ".join(problems))
+
+
+class CoreWeights:
+    """Mixin for the Keras layers of this package (see the module docstring)."""
+
+    def _init_core_weights(self) -> None:
+        self._core_vars = {}
+        self._pending = None
+
+    # --- for subclasses ------------------------------------------------------------------
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Dotted path -> shape of every parameter this layer (and its sublayers) holds."""
+        raise NotImplementedError
+
+    def _build_input_shape(self) -> tuple[Any, ...]:
+        """The input shape `load_params` builds an unbuilt layer with."""
+        raise NotImplementedError
+
+    def _core_tree(self, get: Getter) -> dict[str, Any]:
+        """The parameters in the core's layout, each weight's value read with `get(variable)`."""
+        return unflatten({p: get(v) for p, v in self._core_vars.items()})
+
+    def _take_pending(self) -> Mapping[str, Any] | None:
+        """The parameters `load_params` left for `build` (None for a fresh initialisation)."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.params
+
+    def _add_core_weight(self, path: str, value: Any) -> Any:
+        """A weight named `path` (core layout) initialised to `value`; A_log, D and
+        dt_proj.bias are float32 whatever the variable dtype policy, as in the core."""
+        variable = self.add_weight(
+            name=path, shape=tuple(np.shape(value)), initializer=_Given(value),
+            dtype="float32" if path in SSM_PARAM_PATHS else None, autocast=False)
+        self._core_vars[path] = variable
+        return variable
+
+    def _set_pending(self, params: Mapping[str, Any]) -> None:
+        self._pending = _Pending(params)
+
+    # --- public --------------------------------------------------------------------------
+
+    def to_params(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
+        """The weights as the core's parameter pytree (`mamba_ssm_core.params` layout).
+
+        values: None for the weights' current values, or arrays aligned with
+        `self.trainable_variables` (e.g. the gradients of a `jax.grad` over
+        `stateless_call`) to arrange those in the core's layout instead.
+        """
+        if not self.built:
+            raise ValueError(f"{type(self).__name__} {self.name!r} is not built yet: call it "
+                             f"or build() it first")
+        if values is None:
+            return self._core_tree(lambda v: v.value)
+        trainable = list(self.trainable_variables)
+        if len(values) != len(trainable):
+            raise ValueError(f"to_params: {len(values)} values for {len(trainable)} trainable "
+                             f"variables")
+        by_id = {id(v): x for v, x in zip(trainable, values, strict=True)}
+
+        def get(v: Any) -> Any:
+            if id(v) not in by_id:
+                raise ValueError(f"to_params: weight {v.path} is not trainable, so `values` "
+                                 f"has no entry for it")
+            return by_id[id(v)]
+
+        return self._core_tree(get)
+
+    def load_params(self, params: Mapping[str, Any]) -> None:
+        """Put the core's parameter pytree for this layer into its weights (cast to the
+        variables' dtypes); an unbuilt layer is built with them, without drawing a
+        random initialisation first. Raises ParamsError listing every mismatch."""
+        check_shapes(f"{type(self).__name__}.load_params", params, self._expected_shapes())
+        if not self.built:
+            self._set_pending(params)
+            self.build(self._build_input_shape())
+            return
+        flat = flatten(params)
+        for path, variable in flatten(self._core_tree(lambda v: v)).items():
+            variable.assign(jnp.array(flat[path], dtype=variable.dtype, copy=True))

@@ -3,10 +3,16 @@
     mamba-train --out checkpoints/bytes --steps 2000          # the Python standard library
     mamba-train --out checkpoints/mine --files notes/ '*.md'   # your own text files
     mamba-train --out checkpoints/bytes                       # resume where it stopped
+    mamba-train --out checkpoints/big --mesh 2,2,2            # 8 devices: data, FSDP, tensor
 
 Running it again with the same --out resumes from the checkpoint there, taking the
 saved settings; flags given on the command line must agree with them, except the
-logging, evaluation, saving and time-limit flags.
+logging, evaluation, saving, time-limit and --mesh flags.
+
+--mesh DATA,FSDP,TENSOR runs the step on a device mesh of those sizes (their product
+is the device count): the batch splits over DATA x FSDP, FSDP shards parameters and
+optimizer state, TENSOR splits the mixer's inner channels (`TrainConfig.mesh`).
+--mesh none goes back to one device when resuming a run saved with a mesh.
 """
 
 from __future__ import annotations
@@ -19,6 +25,24 @@ import sys
 from . import training
 from ._corpus import build_corpus, load_corpus, save_corpus
 from .config import MambaConfig
+
+_NO_MESH = "none"
+
+
+def _mesh_arg(text: str) -> tuple[int, int, int] | str:
+    """--mesh DATA,FSDP,TENSOR (e.g. 2,2,2), or "none"."""
+    if text.strip().lower() == _NO_MESH:
+        return _NO_MESH
+    parts = text.split(",")
+    try:
+        sizes = tuple(int(x) for x in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected DATA,FSDP,TENSOR: three integers >= 1 such as 2,2,2 (or none), got {text!r}")
+    return sizes
+
 
 _MODEL_FLAGS = {
     "hidden_size": 256, "num_hidden_layers": 6, "state_size": 16, "expand": 2, "conv_kernel": 4,
@@ -53,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
             hp.add_argument("--remat", dest="remat", action="store_true", default=None,
                             help=f"rematerialise each layer (default {default})")
             hp.add_argument("--no-remat", dest="remat", action="store_false")
+        elif f.name == "mesh":
+            hp.add_argument(flag, type=_mesh_arg, default=None, metavar="DATA,FSDP,TENSOR",
+                            help="device mesh sizes, product = device count, e.g. 2,2,2 "
+                                 "(default: one device; none: one device on resumption)")
         elif f.name == "compute_dtype":
             hp.add_argument(flag, choices=["float32", "bfloat16"], default=None,
                             help=f"default {default}")
@@ -89,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         base = training.TrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)
                  if getattr(args, f.name) is not None}
+    if overrides.get("mesh") == _NO_MESH:
+        overrides["mesh"] = None
     try:
         config = dataclasses.replace(base, **overrides)
     except ValueError as e:

@@ -13,7 +13,16 @@
   `eval_every` steps, and a JSON-lines log;
 * checkpoints written with `save_pretrained` (transformers and every adapter load
   them), the byte tokenizer beside them, and the optimizer state and step, from which
-  training resumes bit-identically.
+  training resumes bit-identically;
+* with `TrainConfig.mesh = (data, fsdp, tensor)`, the step on a device mesh
+  (`sharding.make_mesh`, axes "data", "fsdp", "tensor"): parameters and optimizer
+  state laid out by `sharding.train_shardings`, each batch split over data x fsdp,
+  and `jax.jit` with those in/out shardings (XLA's partitioner does the rest).
+  Batches are placed with `jax.make_array_from_process_local_data`, checkpoints
+  gathered to the host and written by process 0, so the loop is written for
+  several hosts after `jax.distributed.initialize()` (with output_dir on a shared
+  filesystem); that has not been run here, only one process with 8 virtual CPU
+  devices.
 
 The corpus (see `build_corpus`) defaults to the running Python's standard library.
 `byte_lm_config` gives a model config for the byte tokenizer. Lower-level pieces for
@@ -40,6 +49,8 @@ import numpy as np
 import optax
 from beartype import beartype
 from jax import Array
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Float, Int, Integer
 from safetensors.numpy import load_file, save_file
 
@@ -47,7 +58,8 @@ from ._corpus import Corpus, build_corpus, load_corpus, save_corpus
 from .checkpoint import load_pretrained, save_pretrained
 from .config import MambaConfig
 from .model import lm_head, residual_block, rms_norm
-from .params import cast_params, check_params, flatten, init_params, unflatten
+from .params import abstract_params, cast_params, check_params, flatten, init_params, unflatten
+from .sharding import TrainShardings, make_mesh, train_shardings
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -101,6 +113,14 @@ class TrainConfig:
     seed: parameter initialisation and batch sampling. impl: selective-scan
       implementation ("auto" or a registered name).
     time_limit_s: stop early, with a checkpoint, once this many seconds have passed.
+    mesh: None (one device, the default) or (data, fsdp, tensor) sizes of a device
+      mesh whose product is the number of devices (`jax.device_count()`): the batch
+      splits over data x fsdp (so their product must divide batch_size), FSDP
+      splits each parameter and its optimizer moments, tensor splits the mixer's
+      inner channels (it must divide the model's intermediate_size). See
+      `sharding.train_shardings`. A run may resume with another mesh (or none);
+      the layout changes only the floating-point summation order, so such a
+      continuation agrees with an uninterrupted run to rounding, not bit for bit.
     """
 
     steps: int = 2000
@@ -123,9 +143,13 @@ class TrainConfig:
     seed: int = 0
     impl: str = "auto"
     time_limit_s: float | None = None
+    mesh: tuple[int, int, int] | None = None
 
-    # Fields that may differ between a run and its resumption without changing the math.
-    RESUMABLE_CHANGES = ("eval_every", "eval_tokens", "save_every", "log_every", "time_limit_s")
+    # Fields that may differ between a run and its resumption without changing the math
+    # (mesh: only the floating-point summation order).
+    RESUMABLE_CHANGES = ("eval_every", "eval_tokens", "save_every", "log_every", "time_limit_s",
+                         "mesh")
+    MESH_AXES = ("data", "fsdp", "tensor")
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
@@ -152,6 +176,15 @@ class TrainConfig:
         need(isinstance(self.remat, bool), "remat", "True or False")
         need(isinstance(self.impl, str) and bool(self.impl), "impl", "a scan implementation name")
         need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s", "None or > 0")
+        if self.mesh is not None:
+            m = self.mesh
+            need(isinstance(m, (tuple, list)) and len(m) == 3
+                 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in m),
+                 "mesh", "None or three integers >= 1 (data, fsdp, tensor)")
+            object.__setattr__(self, "mesh", tuple(m))
+            need(self.batch_size % (m[0] * m[1]) == 0, "batch_size",
+                 f"divisible by the mesh's data x fsdp = {m[0]} x {m[1]} = {m[0] * m[1]} "
+                 f"batch shards (mesh={tuple(m)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +195,9 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"TrainConfig.from_dict: unknown fields {unknown}")
+        d = dict(d)
+        if isinstance(d.get("mesh"), list):  # JSON has no tuples
+            d["mesh"] = tuple(d["mesh"])
         return cls(**d)
 
 
@@ -349,6 +385,7 @@ def evaluate_bits_per_byte(
     batch_size: int = 16,
     dtype: Any = jnp.float32,
     impl: str = "auto",
+    batch_sharding: NamedSharding | None = None,
 ) -> float:
     """Bits per byte of the token stream `tokens` (n,): every token but the first is
     predicted once, from the tokens before it in its window.
@@ -357,6 +394,8 @@ def evaluate_bits_per_byte(
     training windows: the first prediction of a window has one token of context).
     The end-of-text separators between files count as bytes: bits per byte is the
     summed negative log2-likelihood over the n - 1 predicted tokens, divided by n - 1.
+    batch_sharding: where each batch of windows goes (e.g. `train_shardings(...).batch`,
+    with params placed on the same mesh); its batch shards must divide batch_size.
     """
     tokens = np.asarray(tokens).astype(np.int32)
     n = tokens.size
@@ -373,10 +412,20 @@ def evaluate_bits_per_byte(
     weights[: n - 1] = 1.0
     idx = np.arange(rows_padded)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     windows, w = stream[idx], weights.reshape(rows_padded, seq_len)
+    if batch_sharding is None:
+        place = jnp.asarray
+    else:
+        shards = _batch_shards(batch_sharding)
+        if batch_size % shards:
+            raise ValueError(f"evaluate_bits_per_byte: batch_size ({batch_size}) must be divisible "
+                             f"by the {shards} batch shards of batch_sharding")
+
+        def place(x):
+            return _place_batch(x, batch_sharding)
     total = 0.0
     for lo in range(0, rows_padded, batch_size):
-        s = _eval_sum(params, jnp.asarray(windows[lo : lo + batch_size]),
-                      jnp.asarray(w[lo : lo + batch_size]), model_config=model_config,
+        s = _eval_sum(params, place(windows[lo : lo + batch_size]),
+                      place(w[lo : lo + batch_size]), model_config=model_config,
                       dtype=jnp.dtype(dtype), impl=impl)
         total += float(s)
     return total / (n - 1) / math.log(2)
@@ -400,9 +449,8 @@ def _global_norm(tree: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-@functools.lru_cache(maxsize=8)
-def _make_step(model_config: MambaConfig, config: TrainConfig):
-    """The jitted training step; cached, so a resumed run in the same process reuses it."""
+def _step_fn(model_config: MambaConfig, config: TrainConfig) -> Callable:
+    """One optimizer step: (params, opt_state, tokens) -> (params, opt_state, metrics)."""
     dtype = _DTYPES[config.compute_dtype]
     optimizer = make_optimizer(config)
 
@@ -413,8 +461,88 @@ def _make_step(model_config: MambaConfig, config: TrainConfig):
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
 
+    return step
+
+
+@functools.lru_cache(maxsize=8)
+def _make_step(model_config: MambaConfig, config: TrainConfig):
+    """The jitted training step; cached, so a resumed run in the same process reuses it."""
+    step = _step_fn(model_config, config)
     donate = () if jax.default_backend() == "cpu" else (0, 1)
     return jax.jit(step, donate_argnums=donate)
+
+
+# ---------------------------------------------------------------- on a mesh
+
+
+def _mesh_for(model_config: MambaConfig, config: TrainConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh of config.mesh over every process's devices, after
+    checking that it fits the devices and the model."""
+    sizes = dict(zip(TrainConfig.MESH_AXES, config.mesh, strict=True))
+    n = jax.device_count()
+    if math.prod(config.mesh) != n:
+        raise ValueError(
+            f"train: mesh={config.mesh} (data, fsdp, tensor) makes {math.prod(config.mesh)} "
+            f"shards, but there are {n} {jax.default_backend()} devices; the sizes' product "
+            "must equal the device count")
+    inner = model_config.intermediate_size
+    if inner % sizes["tensor"]:
+        raise ValueError(
+            f"train: mesh={config.mesh} has tensor size {sizes['tensor']}, which does not divide "
+            f"the model's {inner} inner channels (intermediate_size = expand x hidden_size)")
+    return make_mesh(sizes)
+
+
+def _batch_shards(sharding: NamedSharding) -> int:
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(int(sharding.mesh.shape[a]) for a in names)
+
+
+def _place_batch(batch: np.ndarray, sharding: NamedSharding) -> Array:
+    """The global batch `batch` (identical in every process, as `sample_batch` is a pure
+    function of (seed, step)) as an array split by `sharding`: each process hands
+    `jax.make_array_from_process_local_data` the rows its own devices hold."""
+    shape = batch.shape
+    spans = sorted({idx[0].indices(shape[0])[:2]
+                    for idx in sharding.addressable_devices_indices_map(shape).values()})
+    rows = np.concatenate([batch[lo:hi] for lo, hi in spans])
+    return jax.make_array_from_process_local_data(sharding, rows, shape)
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """A pytree whose every process holds the whole value (parameters, optimizer state)
+    placed with `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x), np.shape(x)),
+        tree, shardings)
+
+
+def _to_host(tree: Any) -> Any:
+    """A pytree of (possibly sharded, possibly multi-process) arrays as numpy arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_sharded_step(model_config: MambaConfig, config: TrainConfig,
+                       mesh: Mesh) -> tuple[Callable, TrainShardings]:
+    """The training step jitted over `mesh`, with the shardings of its inputs; cached
+    like `_make_step`."""
+    optimizer = make_optimizer(config)
+    shapes = abstract_params(model_config)
+    # An axis of size 1 splits nothing; leaving it out lets FSDP take the largest axis.
+    axes = {f"{a}_axis": a if mesh.shape[a] > 1 else None for a in TrainConfig.MESH_AXES}
+    sh = train_shardings(mesh, shapes, jax.eval_shape(optimizer.init, shapes), **axes)
+    step = _step_fn(model_config, config)
+    donate = () if jax.default_backend() == "cpu" else (0, 1)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(step, in_shardings=(sh.params, sh.opt_state, sh.batch),
+                     out_shardings=(sh.params, sh.opt_state, replicated), donate_argnums=donate)
+    return jitted, sh
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -567,6 +695,8 @@ class _Progress:
 
 
 def _fmt_rate(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"  # no timed step yet (the first one compiles)
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
 
 
@@ -611,10 +741,16 @@ def train(
       (see `build_corpus`), or None for the Python standard library.
     params: initial parameters (cast to float32); default `init_params` with config.seed.
     resume: continue from the checkpoint in output_dir if there is one (same settings
-      and corpus required); the result is bit-identical to an uninterrupted run.
+      and corpus required); the result is bit-identical to an uninterrupted run on the
+      same mesh (config.mesh may change on resumption; see `TrainConfig`).
     stop_after: end this call after that step (with a checkpoint) although the run's
       schedule goes on to config.steps; a later call resumes it.
     progress: draw the progress line on stderr. on_log: called with every log record.
+
+    With config.mesh the step runs on a (data, fsdp, tensor) device mesh (see
+    `TrainConfig`) and the returned params and opt_state are sharded over it; several
+    processes (after `jax.distributed.initialize()`) each run this same call, process 0
+    prints and writes the checkpoint; that case has not been run in this repository.
 
     Returns a `TrainResult`.
     """
@@ -625,6 +761,7 @@ def train(
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"train: model_config.vocab_size ({model_config.vocab_size}) is smaller "
                          f"than the tokenizer's vocabulary ({tokenizer.vocab_size})")
+    mesh = None if config.mesh is None else _mesh_for(model_config, config)
     corpus = _as_corpus(corpus)
     corpus_fp = corpus.fingerprint()
     train_tokens = corpus.tokens("train")
@@ -646,10 +783,28 @@ def train(
         params = cast_params(params, jnp.float32)
         opt_state = optimizer.init(params)
         step, records, resumed = 0, [], False
+    lead = jax.process_index() == 0  # the process that prints and writes
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out)
+    if lead:
+        tokenizer.save(out)
+    # The step is built from the settings that change the math only, so that it is
+    # reused when a run resumes in the same process.
+    step_config = dataclasses.replace(
+        config, **{f: getattr(TrainConfig(), f) for f in TrainConfig.RESUMABLE_CHANGES})
+    if mesh is None:
+        step_fn = _make_step(model_config, step_config)
+        place_batch = jnp.asarray
+        eval_kw: dict[str, Any] = {}
+    else:
+        step_fn, sh = _make_sharded_step(model_config, step_config, mesh)
+        params, opt_state = _place(params, sh.params), _place(opt_state, sh.opt_state)
 
-    bar = _Progress(config.steps, progress)
+        def place_batch(batch):
+            return _place_batch(batch, sh.batch)
+        eval_kw = {"batch_sharding": sh.batch,
+                   "batch_size": math.lcm(16, config.mesh[0] * config.mesh[1])}
+
+    bar = _Progress(config.steps, progress and lead)
 
     def emit(record: dict[str, Any]) -> None:
         records.append(record)
@@ -661,17 +816,19 @@ def train(
             return
         t0 = time.perf_counter()
         bpb = evaluate_bits_per_byte(params, model_config, heldout, seq_len=config.seq_len,
-                                     dtype=compute_dtype, impl=config.impl)
+                                     dtype=compute_dtype, impl=config.impl, **eval_kw)
         emit({"step": step, "eval_bpb": bpb, "eval_tokens": int(heldout.size - 1),
               "eval_s": round(time.perf_counter() - t0, 3)})
         bar.note(f"step {step}: held-out {bpb:.4f} bits/byte")
 
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    where = (f"{jax.default_backend()}" if mesh is None else
+             f"{jax.device_count()} {jax.default_backend()} devices, mesh "
+             + " x ".join(f"{a} {k}" for a, k in zip(TrainConfig.MESH_AXES, config.mesh,
+                                                     strict=True)))
     bar.note(f"{'resuming at step ' + str(step) if resumed else 'training'}: {n_params:,} "
              f"parameters, {train_tokens.size:,} training tokens ({corpus.source}), "
-             f"{jax.default_backend()}, {config.compute_dtype} compute")
-    step_fn = _make_step(model_config, dataclasses.replace(
-        config, **{f: getattr(TrainConfig(), f) for f in TrainConfig.RESUMABLE_CHANGES}))
+             f"{where}, {config.compute_dtype} compute")
     if step == 0 and config.eval_every:
         run_eval()
 
@@ -683,7 +840,7 @@ def train(
     while step < end:
         batch = sample_batch(train_tokens, step, batch_size=config.batch_size,
                              seq_len=config.seq_len, seed=config.seed)
-        params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(batch))
+        params, opt_state, metrics = step_fn(params, opt_state, place_batch(batch))
         step += 1
         if step == first_step + 1:
             # The first step compiles; throughput is measured from its end.
@@ -711,8 +868,15 @@ def train(
             run_eval()
             paused = True
         if last or (config.save_every and step % config.save_every == 0):
-            _save_checkpoint(out, params, opt_state, step, model_config, config, tokenizer,
-                             corpus_fp, records)
+            if mesh is None:
+                _save_checkpoint(out, params, opt_state, step, model_config, config, tokenizer,
+                                 corpus_fp, records)
+            else:
+                # Every process joins the gather; process 0 writes.
+                host_params, host_opt = _to_host((params, opt_state))
+                if lead:
+                    _save_checkpoint(out, host_params, host_opt, step, model_config, config,
+                                     tokenizer, corpus_fp, records)
             paused = True
         if paused:
             # Evaluation and saving do not count towards the training throughput.

@@ -74,7 +74,10 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None):
     w = np.asarray(weight, np.float64)
     b, l, d = x.shape
     width = w.shape[1]
-    prev = np.zeros((b, width - 1, d)) if initial_state is None else np.asarray(initial_state, np.float64)
+    if initial_state is None:
+        prev = np.zeros((b, width - 1, d))
+    else:
+        prev = np.asarray(initial_state, np.float64)
     xp = np.concatenate([prev, x], axis=1)
     y = np.zeros((b, l, d))
     for t in range(l):

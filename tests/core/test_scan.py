@@ -348,8 +348,10 @@ def test_auto_picks_chunked_on_cpu():
 
 @pytest.mark.parametrize(
     "config, exc, field",
-    [(dict(chunk_size=0), ValueError, "chunk_size"), (dict(chunk_size=2.5), TypeError, "chunk_size"),
-     (dict(inner="fast"), ValueError, "inner"), (dict(unroll=0), ValueError, "unroll")],
+    [(dict(chunk_size=0), ValueError, "chunk_size"),
+     (dict(chunk_size=2.5), TypeError, "chunk_size"),
+     (dict(inner="fast"), ValueError, "inner"),
+     (dict(unroll=0), ValueError, "unroll")],
     ids=["size0", "size-float", "inner", "unroll0"],
 )
 def test_chunked_config_is_checked(config, exc, field):

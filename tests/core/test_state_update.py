@@ -167,16 +167,22 @@ def test_decoding_token_by_token_equals_full_sequence(impl, prefill):
 def test_multi_token_decoding_after_prefill_equals_full_sequence():
     """Prefill, then the rest in one selective_state_update_tokens call (the conv first)."""
     kw = _mixer_inputs(np.random.default_rng(22))
-    full_y, _, full_h = _full(kw, "chunked")
+    full_y, _, full_h = jax.jit(_full, static_argnums=(1,))(kw, "chunked")
     k = 6
-    y0, conv_state, h = _full(kw, "chunked", k)
-    rest = slice(k, None)
-    u, _ = causal_conv1d(kw["u"][:, rest], kw["conv_weight"], kw["conv_bias"], activation="silu",
-                         initial_state=conv_state, return_final_state=True)
-    y1, h = selective_state_update_tokens(h, u, kw["delta"][:, rest], kw["A"], kw["B"][:, rest],
-                                          kw["C"][:, rest], kw["D"], z=kw["z"][:, rest],
-                                          dt_bias=kw["delta_bias"], dt_softplus=True)
-    assert oracle.rel_err(jnp.concatenate([y0, y1], axis=1), full_y) < TOL
+
+    @jax.jit
+    def prefill_then_tokens(kw):
+        y0, conv_state, h = _full(kw, "chunked", k)
+        rest = slice(k, None)
+        u = causal_conv1d(kw["u"][:, rest], kw["conv_weight"], kw["conv_bias"],
+                          activation="silu", initial_state=conv_state)
+        y1, h = selective_state_update_tokens(
+            h, u, kw["delta"][:, rest], kw["A"], kw["B"][:, rest], kw["C"][:, rest], kw["D"],
+            z=kw["z"][:, rest], dt_bias=kw["delta_bias"], dt_softplus=True)
+        return jnp.concatenate([y0, y1], axis=1), h
+
+    y, h = prefill_then_tokens(kw)
+    assert oracle.rel_err(y, full_y) < TOL
     assert oracle.rel_err(h, full_h) < TOL
 
 

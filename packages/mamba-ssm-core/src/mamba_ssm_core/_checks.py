@@ -42,7 +42,8 @@ def check_same_dtype(op: str, names: Sequence[str], xs: Sequence) -> None:
     pairs = [(n, jnp.result_type(x)) for n, x in zip(names, xs, strict=True) if x is not None]
     if len({d for _, d in pairs}) > 1:
         listing = ", ".join(f"{n}: {d}" for n, d in pairs)
-        raise TypeError(f"{op}: {', '.join(n for n, _ in pairs)} must share one dtype, got {listing}")
+        names = ", ".join(n for n, _ in pairs)
+        raise TypeError(f"{op}: {names} must share one dtype, got {listing}")
 
 
 def check_shape(op: str, name: str, x, expected: Sequence[int | None], layout: str) -> None:

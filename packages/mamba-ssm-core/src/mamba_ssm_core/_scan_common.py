@@ -108,7 +108,8 @@ def lead(x: Array, ndim: int) -> Array:
 
 def softplus(x: Array) -> Array:
     """softplus with the official threshold: identity above 20."""
-    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+    below = jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD)))
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, below)
 
 
 def prepare_delta(
@@ -128,10 +129,13 @@ def prepare_delta(
 
 
 def expand_groups(x: Array, dim: int) -> Array:
-    """(..., groups, state) -> (..., dim, state): each group repeated over its dim // groups channels."""
-    *lead, g, n = x.shape
-    x = jnp.broadcast_to(x[..., :, None, :], (*lead, g, dim // g, n))
-    return x.reshape(*lead, dim, n)
+    """(..., groups, state) -> (..., dim, state): each group repeated over its channels.
+
+    Group g serves channels g * (dim // groups) to (g + 1) * (dim // groups) - 1.
+    """
+    *rest, g, n = x.shape
+    x = jnp.broadcast_to(x[..., :, None, :], (*rest, g, dim // g, n))
+    return x.reshape(*rest, dim, n)
 
 
 def keep_mask(segment_ids: Array | None) -> Array | None:

@@ -236,6 +236,23 @@ def test_gradients_finite_differences_float64(case):
             assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (k, analytic, numeric)
 
 
+def test_float64_inputs_compute_in_float64():
+    """No silent rounding: float64 inputs give a float64 state, and want a float64 one."""
+    np_kwargs = scan_inputs(np.random.default_rng(6), 1, 9, 2, 2)
+    ref_y, ref_h = oracle.selective_scan(**np_kwargs)
+    with jax.enable_x64(True):
+        kw = {k: jnp.asarray(v, jnp.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+              else jnp.asarray(v) if isinstance(v, np.ndarray) else v
+              for k, v in np_kwargs.items()}
+        for impl in IMPLS.values():
+            y, h = run(impl, kw)
+            assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+            # float64 all through: far tighter than any float32 result could be
+            assert oracle.rel_err(y, ref_y) < 1e-12 and oracle.rel_err(h, ref_h) < 1e-12
+        with raises_about(TypeError, "initial_state"):
+            run("chunked", kw | {"initial_state": kw["initial_state"].astype(jnp.float32)})
+
+
 # ---------------------------------------------------------------------------
 # Packed sequences and long sequences
 

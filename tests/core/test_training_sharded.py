@@ -12,7 +12,6 @@ import math
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
 from mamba_ssm_core import _train_cli, make_mesh, train_shardings, training
 from mamba_ssm_core._corpus import build_corpus, save_corpus
 from mamba_ssm_core.checkpoint import load_pretrained

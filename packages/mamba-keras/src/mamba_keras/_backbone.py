@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 from jax import Array
@@ -15,7 +15,7 @@ from mamba_ssm_core.params import param_shapes
 
 from . import _config
 from ._block import _BLOCK_ARGS, MambaResidualBlock
-from ._weights import CoreWeights
+from ._weights import CoreWeights, Source, stack_arrays
 
 _BACKBONE_ARGS = ("vocab_size", *_BLOCK_ARGS)
 
@@ -35,14 +35,17 @@ class MambaBackbone(CoreWeights, keras.Model):
 
     Arguments: vocab_size, hidden_size, num_hidden_layers, then those of
     `MambaResidualBlock` with the original Mamba's defaults. seed: an int for a
-    reproducible initialisation (the core's `init_params`), None to draw from Keras's
-    global seed generator.
+    reproducible initialisation (the core's `init_params`); None draws one as Keras's
+    initializers do.
 
     Weights: embeddings.weight (V, H), norm_f.weight (H,), and `residual_blocks`, a list
     of `MambaResidualBlock` layers (`residual_block_{i}`). The core runs the blocks as
     one `lax.scan` over their weights stacked on a leading axis.
     """
 
+    # Keras reads this signature with inspect.getfullargspec, which a type-checking
+    # wrapper (jaxtyping's import hook) would hide.
+    @typing.no_type_check
     def __init__(
         self,
         vocab_size: int,
@@ -113,28 +116,26 @@ class MambaBackbone(CoreWeights, keras.Model):
     def _build_input_shape(self) -> tuple[Any, ...]:
         return (None, None)
 
-    def _core_tree(self, get: Any) -> dict[str, Any]:
+    def _core_tree(self, get: Any, stack: Any = stack_arrays) -> dict[str, Any]:
         blocks = [block._core_tree(get) for block in self.residual_blocks]
         return {"backbone": {
             "embeddings": {"weight": get(self._core_vars["embeddings.weight"])},
             # the core's layout: every block's weights stacked on a leading layer axis
-            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks),
+            "layers": jax.tree.map(stack, *blocks),
             "norm_f": {"weight": get(self._core_vars["norm_f.weight"])},
         }}
 
-    def _fresh_params(self) -> dict[str, Any]:
-        return init_params(_config.draw_key(self.seed), self._config)
-
     def build(self, input_shape: Any = None) -> None:
-        params = self._take_pending()
-        if params is None:
-            params = self._fresh_params()
-        p = params["backbone"]
-        self._add_core_weight("embeddings.weight", p["embeddings"]["weight"])
+        source = self._take_pending()
+        if source is None:
+            seed = _config.draw_seed(self.seed)
+            source = Source(lambda: init_params(jax.random.key(seed), self._config))
+        self._add_core_weight("embeddings.weight", source, "backbone.embeddings.weight")
         for i, block in enumerate(self.residual_blocks):
-            block._set_pending(jax.tree.map(lambda a, i=i: a[i], p["layers"]))
+            block._set_pending(source.sub(
+                lambda p, i=i: jax.tree.map(lambda a: a[i], p["backbone"]["layers"])))
             block.build((None, None, self.hidden_size))
-        self._add_core_weight("norm_f.weight", p["norm_f"]["weight"])
+        self._add_core_weight("norm_f.weight", source, "backbone.norm_f.weight")
 
     def call(
         self, token_ids: _IdsLike, padding_mask: _MaskLike = None
@@ -148,6 +149,7 @@ class MambaBackbone(CoreWeights, keras.Model):
         """Continue from `cache` (from `init_cache` or a previous call): returns (hidden
         states, the updated cache). Many tokens run the parallel scan from the cached
         state (prefill), one token the O(1) recurrent update."""
+        self._ensure_built()
         return backbone(self.to_params(), self._config, token_ids, cache=cache,
                         mask=padding_mask, impl=self.impl, dtype=self.compute_dtype)
 

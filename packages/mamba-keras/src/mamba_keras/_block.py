@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from mamba_ssm_core.params import layer_shapes
 
 from . import _config
 from ._mixer import _MIXER_ARGS, MambaMixer, fresh_layer
-from ._weights import CoreWeights
+from ._weights import CoreWeights, Source
 
 _BLOCK_ARGS = (*_MIXER_ARGS, "layer_norm_epsilon", "residual_in_fp32")
 
@@ -34,6 +35,9 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
     Weights: norm.weight (H,) and the sublayer `mixer`'s.
     """
 
+    # Keras reads this signature with inspect.getfullargspec, which a type-checking
+    # wrapper (jaxtyping's import hook) would hide.
+    @typing.no_type_check
     def __init__(
         self,
         hidden_size: int,
@@ -100,16 +104,17 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
     def _build_input_shape(self) -> tuple[Any, ...]:
         return (None, None, self.hidden_size)
 
-    def _core_tree(self, get: Any) -> dict[str, Any]:
+    def _core_tree(self, get: Any, stack: Any = None) -> dict[str, Any]:
         return {"norm": {"weight": get(self._core_vars["norm.weight"])},
                 "mixer": self.mixer._core_tree(get)}
 
     def build(self, hidden_shape: Any) -> None:
-        params = self._take_pending()
-        if params is None:
-            params = fresh_layer(self._config, self.seed)
-        self._add_core_weight("norm.weight", params["norm"]["weight"])
-        self.mixer._set_pending(params["mixer"])
+        source = self._take_pending()
+        if source is None:
+            seed = _config.draw_seed(self.seed)
+            source = Source(lambda: fresh_layer(self._config, seed))
+        self._add_core_weight("norm.weight", source)
+        self.mixer._set_pending(source.sub(lambda p: p["mixer"]))
         self.mixer.build(hidden_shape)
 
     def _residual_dtype(self) -> str:
@@ -142,6 +147,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
                MixerState]:
         """As `call`, continuing the mixer from `state` (see `MambaMixer.call_with_state`):
         returns (hidden, residual, the new state)."""
+        self._ensure_built()
         hidden, residual = self._cast(hidden, residual)
         return residual_block(self.to_params(), self._config, hidden, residual, state=state,
                               mask=mask, impl=self.impl)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from mamba_ssm_core.params import param_shapes
 
 from . import _config
 from ._backbone import MambaBackbone, _IdsLike, _MaskLike
-from ._weights import CoreWeights
+from ._weights import CoreWeights, Source, stack_arrays
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -51,6 +52,9 @@ class MambaCausalLM(CoreWeights, keras.Model):
     defaults; eos_token_id one id or a list).
     """
 
+    # Keras reads this signature with inspect.getfullargspec, which a type-checking
+    # wrapper (jaxtyping's import hook) would hide.
+    @typing.no_type_check
     def __init__(
         self,
         backbone: MambaBackbone,
@@ -130,25 +134,25 @@ class MambaCausalLM(CoreWeights, keras.Model):
     def _build_input_shape(self) -> tuple[Any, ...]:
         return (None, None)
 
-    def _core_tree(self, get: Any) -> dict[str, Any]:
-        params = self.backbone._core_tree(get)
+    def _core_tree(self, get: Any, stack: Any = stack_arrays) -> dict[str, Any]:
+        params = self.backbone._core_tree(get, stack)
         if not self.tie_word_embeddings:
             params["lm_head"] = {"weight": get(self._core_vars["lm_head.weight"])}
         return params
 
     def build(self, input_shape: Any = None) -> None:
-        params = self._take_pending()
-        if params is None and not self.backbone.built:
-            # the whole model at once, as the core initialises it
-            params = init_params(_config.draw_key(self.backbone.seed), self._config)
+        source = self._take_pending()
+        seed = _config.draw_seed(self.backbone.seed)
         if not self.backbone.built:
-            self.backbone._set_pending({"backbone": params["backbone"]})
+            # the whole model at once, as the core initialises it
+            source = source or Source(lambda: init_params(jax.random.key(seed), self._config))
+            self.backbone._set_pending(source.sub(lambda p: {"backbone": p["backbone"]}))
             self.backbone.build(self._build_input_shape())
         if not self.tie_word_embeddings:
-            if params is None:  # a built backbone was given: a fresh head alone
-                small = dataclasses.replace(self._config, num_hidden_layers=1)
-                params = init_params(_config.draw_key(self.backbone.seed), small)
-            self._add_core_weight("lm_head.weight", params["lm_head"]["weight"])
+            # a built backbone was given: a fresh head alone
+            source = source or Source(lambda: init_params(
+                jax.random.key(seed), dataclasses.replace(self._config, num_hidden_layers=1)))
+            self._add_core_weight("lm_head.weight", source)
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class MambaCausalLM(CoreWeights, keras.Model):
     ) -> tuple[Float[Array, "batch length vocab"], MambaCache]:
         """Logits for token_ids continuing from `cache`, and the updated cache (prefill,
         chunked prefill, or single steps)."""
+        self._ensure_built()
         return forward(self.to_params(), self._config, token_ids, cache=cache,
                        mask=padding_mask, impl=self.backbone.impl, dtype=self.compute_dtype)
 
@@ -182,6 +187,7 @@ class MambaCausalLM(CoreWeights, keras.Model):
     ) -> tuple[Float[Array, "batch vocab"], MambaCache]:
         """One cached step, O(1) in the length so far: token (batch,) -> (logits
         (batch, vocab_size) float32, the new cache)."""
+        self._ensure_built()
         return decode_step(self.to_params(), self._config, token, cache,
                            dtype=self.compute_dtype)
 
@@ -206,15 +212,17 @@ class MambaCausalLM(CoreWeights, keras.Model):
         `mamba_ssm_core.generate` (the prefill, then one compiled loop of O(1) steps;
         see it for the sampling arguments). temperature 0 is greedy.
 
-        seed: an int or a JAX PRNG key; None draws one from Keras's global seed
-        generator when sampling. eos_token_id / pad_token_id default to the model's.
+        seed: an int or a JAX PRNG key; None draws one from Python's `random` when
+        sampling (reproducible after keras.utils.set_random_seed). eos_token_id and
+        pad_token_id default to the model's.
         Returns GenerationOutput(tokens (batch, max_new_tokens) int32, lengths (batch,),
         the final cache).
         """
+        self._ensure_built()
         if isinstance(seed, int):
             key = jax.random.key(seed)
         elif seed is None:
-            key = None if temperature == 0 else _config.draw_key(None)
+            key = None if temperature == 0 else jax.random.key(_config.draw_seed(None))
         else:
             key = seed
         impl = None if self.backbone.impl == "auto" else self.backbone.impl

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Any
 
-import jax
-import keras
 from mamba_ssm_core import MambaConfig
 
 # The mixer's arguments (MambaConfig field names) and their defaults.
@@ -79,9 +78,8 @@ def check_impl(impl: Any) -> str:
     return impl
 
 
-def draw_key(seed: int | None) -> jax.Array:
-    """A PRNG key for the core's initialisation: from `seed`, or, when it is None, from
-    Keras's global seed generator (reproducible after keras.utils.set_random_seed)."""
-    if seed is None:
-        seed = int(keras.random.randint((), 0, 2**31 - 1, dtype="int32"))
-    return jax.random.key(seed)
+def draw_seed(seed: int | None) -> int:
+    """`seed`, or when it is None a fresh one from Python's `random`, as Keras's own
+    initializers draw theirs (reproducible after keras.utils.set_random_seed; unlike
+    Keras's seed generator, usable while Keras traces a model to build it)."""
+    return random.randint(1, 10**9) if seed is None else seed

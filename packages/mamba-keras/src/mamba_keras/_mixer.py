@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import keras
 from jax import Array
 from jaxtyping import Bool, Float, Int
 from mamba_ssm_core import MambaConfig, MixerState, init_params, layer_params, mixer
-from mamba_ssm_core.params import flatten, layer_shapes
+from mamba_ssm_core.params import layer_shapes
 
 from . import _config
-from ._weights import CoreWeights
+from ._weights import CoreWeights, Source
 
 _MIXER_ARGS = ("hidden_size", *_config.MIXER_DEFAULTS, "num_hidden_layers")
 
 
-def fresh_layer(config: MambaConfig, seed: int | None) -> dict[str, Any]:
+def fresh_layer(config: MambaConfig, seed: int) -> dict[str, Any]:
     """One layer's parameters {"norm", "mixer"} with the official initialisation of a
     layer in a `config.num_hidden_layers`-layer model (out_proj is rescaled by depth)."""
     # The core initialises whole models only; a one-token vocabulary keeps the
     # embedding it also draws negligible.
     small = dataclasses.replace(config, vocab_size=1)
-    return layer_params(init_params(_config.draw_key(seed), small), 0)
+    return layer_params(init_params(jax.random.key(seed), small), 0)
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -42,8 +44,9 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
     use_conv_bias. Initialisation only: time_step_min/max/floor/scale/init_scheme,
     rescale_prenorm_residual and num_hidden_layers (the depth of the model the mixer
     sits in: out_proj starts divided by its square root). impl: the name of the
-    selective-scan implementation. seed: an int for a reproducible initialisation,
-    None to draw from Keras's global seed generator.
+    selective-scan implementation. seed: an int for a reproducible initialisation;
+    None draws one as Keras's initializers do (reproducible after
+    keras.utils.set_random_seed).
 
     Weights, named and laid out as the core's parameters: in_proj.weight (2I, H),
     conv1d.weight (I, 1, K), x_proj.weight (R + 2N, I), dt_proj.weight (I, R),
@@ -51,6 +54,9 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
     A_log, D and dt_proj.bias are float32 whatever the dtype policy.
     """
 
+    # Keras reads this signature with inspect.getfullargspec, which a type-checking
+    # wrapper (jaxtyping's import hook) would hide.
+    @typing.no_type_check
     def __init__(
         self,
         hidden_size: int,
@@ -112,12 +118,12 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
         return (None, None, self.hidden_size)
 
     def build(self, input_shape: Any) -> None:
-        params = self._take_pending()
-        if params is None:
-            params = fresh_layer(self._config, self.seed)["mixer"]
-        flat = flatten(params)
+        source = self._take_pending()
+        if source is None:
+            seed = _config.draw_seed(self.seed)
+            source = Source(lambda: fresh_layer(self._config, seed)["mixer"])
         for path in self._expected_shapes():  # a fixed order: .keras files store by index
-            self._add_core_weight(path, flat[path])
+            self._add_core_weight(path, source)
 
     def call(
         self,
@@ -135,6 +141,7 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
     ) -> tuple[Float[Array, "batch length hidden"], MixerState]:
         """Continue from `state` (from `init_state` or a previous call): returns (y, the
         state after the last step). One step is the O(1) recurrent update."""
+        self._ensure_built()
         inputs = jnp.asarray(inputs).astype(self.compute_dtype)
         return mixer(self.to_params(), self._config, inputs, state=state, mask=mask,
                      impl=self.impl)

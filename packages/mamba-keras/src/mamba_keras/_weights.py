@@ -13,36 +13,71 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from mamba_ssm_core import ParamsError
 from mamba_ssm_core.params import SSM_PARAM_PATHS, flatten, unflatten
 
 Getter = Callable[[Any], Any]
+Stacker = Callable[..., Any]
 
 
-class _Pending:
-    """Parameters waiting for `build` (a plain holder: Keras would wrap a dict attribute)."""
+def stack_arrays(*xs: Any) -> Any:
+    """The core's stacked layout: one leaf per layer, stacked on a leading axis."""
+    return jnp.stack(xs)
 
-    __slots__ = ("params",)
 
-    def __init__(self, params: Mapping[str, Any]):
-        self.params = params
+class Source:
+    """A parameter tree computed on first use, then kept.
+
+    Keras may build a layer while tracing a model (a subclassed model's first `fit`) and
+    initialise its variables afterwards; initial values computed in `build` would be
+    tracers then, so they are computed when the first variable is initialised. Also a
+    plain holder: Keras would wrap a dict attribute of a layer.
+    """
+
+    __slots__ = ("_make", "_value")
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._value = None
+
+    @classmethod
+    def given(cls, value: Any) -> Source:
+        return cls(lambda: value)
+
+    def __call__(self) -> Any:
+        if self._make is None:
+            return self._value
+        value = self._make()
+        # Keras reads an uninitialised variable inside a trace for its shape only; a
+        # value computed there is a tracer, to be computed again outside
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value)):
+            self._value, self._make = value, None
+        return value
+
+    def sub(self, pick: Callable[[Any], Any]) -> Source:
+        """The part `pick(tree)` of this tree, also computed on first use."""
+        return Source(lambda: pick(self()))
 
 
 class _Given:
-    """An initializer returning (a copy of) given values, cast to the variable's dtype."""
+    """An initializer returning (a copy of) the leaf `path` of a `Source`, cast to the
+    variable's dtype."""
 
-    def __init__(self, value: Any):
-        self.value = value
+    def __init__(self, source: Source, path: str):
+        self.source = source
+        self.path = path
 
     def __call__(self, shape: Any, dtype: Any = None) -> Any:
-        if tuple(np.shape(self.value)) != tuple(shape):
-            raise ParamsError(f"a value of shape {tuple(np.shape(self.value))} for a weight of "
-                              f"shape {tuple(shape)}")
+        value = flatten(self.source())[self.path]
+        if tuple(np.shape(value)) != tuple(shape):
+            raise ParamsError(f"{self.path}: a value of shape {tuple(np.shape(value))} for a "
+                              f"weight of shape {tuple(shape)}")
         # a copy: Keras's compiled functions donate variable buffers, which must not be
         # the caller's arrays
-        return jnp.array(self.value, dtype=dtype, copy=True)
+        return jnp.array(value, dtype=dtype, copy=True)
 
 
 def check_shapes(where: str, params: Any, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -80,26 +115,36 @@ class CoreWeights:
         """The input shape `load_params` builds an unbuilt layer with."""
         raise NotImplementedError
 
-    def _core_tree(self, get: Getter) -> dict[str, Any]:
-        """The parameters in the core's layout, each weight's value read with `get(variable)`."""
+    def _core_tree(self, get: Getter, stack: Stacker = stack_arrays) -> dict[str, Any]:
+        """The parameters in the core's layout, each weight's value read with `get(variable)`;
+        `stack` joins the blocks' leaves of a model into one stacked leaf."""
         return unflatten({p: get(v) for p, v in self._core_vars.items()})
 
-    def _take_pending(self) -> Mapping[str, Any] | None:
-        """The parameters `load_params` left for `build` (None for a fresh initialisation)."""
+    def _take_pending(self) -> Source | None:
+        """The parameters left for `build` by `load_params` or a parent layer (None for a
+        fresh initialisation)."""
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.params
+        return pending
 
-    def _add_core_weight(self, path: str, value: Any) -> Any:
-        """A weight named `path` (core layout) initialised to `value`; A_log, D and
-        dt_proj.bias are float32 whatever the variable dtype policy, as in the core."""
+    def _add_core_weight(self, path: str, source: Source, key: str | None = None) -> Any:
+        """A weight named `path` (core layout) initialised to the leaf `key` (default:
+        `path`) of `source`; A_log, D and dt_proj.bias are float32 whatever the variable
+        dtype policy, as in the core."""
         variable = self.add_weight(
-            name=path, shape=tuple(np.shape(value)), initializer=_Given(value),
+            name=path, shape=self._expected_shapes()[key or path],
+            initializer=_Given(source, key or path),
             dtype="float32" if path in SSM_PARAM_PATHS else None, autocast=False)
         self._core_vars[path] = variable
         return variable
 
-    def _set_pending(self, params: Mapping[str, Any]) -> None:
-        self._pending = _Pending(params)
+    def _set_pending(self, source: Source) -> None:
+        self._pending = source
+
+    def _ensure_built(self) -> None:
+        """Build (a fresh initialisation) before a method other than `__call__` reads
+        the weights."""
+        if not self.built:
+            self.build(self._build_input_shape())
 
     # --- public --------------------------------------------------------------------------
 
@@ -135,9 +180,14 @@ class CoreWeights:
         random initialisation first. Raises ParamsError listing every mismatch."""
         check_shapes(f"{type(self).__name__}.load_params", params, self._expected_shapes())
         if not self.built:
-            self._set_pending(params)
+            self._set_pending(Source.given(params))
             self.build(self._build_input_shape())
             return
         flat = flatten(params)
-        for path, variable in flatten(self._core_tree(lambda v: v)).items():
-            variable.assign(jnp.array(flat[path], dtype=variable.dtype, copy=True))
+        # the variables in the core's layout, a tuple (one per block) for a stacked leaf
+        for path, variable in flatten(self._core_tree(lambda v: v, lambda *vs: vs)).items():
+            if isinstance(variable, tuple):
+                for i, v in enumerate(variable):
+                    v.assign(jnp.array(flat[path][i], dtype=v.dtype, copy=True))
+            else:
+                variable.assign(jnp.array(flat[path], dtype=variable.dtype, copy=True))

@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="hub branch, tag or commit")
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true",
-                       help="bfloat16 weights and compute (A_log, D, dt bias, SSM state float32)")
+                       help="bfloat16 weights (A_log, D, dt bias and the SSM state stay float32; "
+                            "the arithmetic is float32 on CPUs, bfloat16 elsewhere)")
     dtype.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--gen-len", "--gen_len", dest="gen_len", type=int, default=100,
                    help="tokens to generate")
@@ -198,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .generation import _generate, prepare_generate
 
     dtype = jnp.bfloat16 if args.bf16 or args.dtype == "bfloat16" else jnp.float32
+    # bfloat16 weights halve the bytes read per token; on CPUs the arithmetic stays
+    # float32 (XLA's CPU bfloat16 arithmetic is slow, and float32 is exact here)
+    compute = jnp.float32 if jax.default_backend() == "cpu" else dtype
     try:
         config, params = load_pretrained(args.model, dtype=dtype, revision=args.revision)
     except (CheckpointError, ConfigError) as e:
@@ -235,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             params, config, prompt, max_new_tokens=args.gen_len, key=jax.random.key(seed),
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, eos_token_id=eos,
-            callback=stream if args.stream else None)
+            callback=stream if args.stream else None, dtype=compute)
         out.write(f"\n[seed {seed}] " if args.seed_iters > 1 else "\n")
         out.write(args.prompt)
         out.flush()
@@ -257,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = n / seconds if seconds > 0 else float("inf")
         note = f", compiled in {compile_s:.1f} s" if compile_s else ""
         out.write(f"\n[{n} tokens in {seconds:.2f} s: {rate:.1f} tokens/s "
-                  f"({config.num_hidden_layers} layers, {jnp.dtype(dtype).name}, "
-                  f"{jax.default_backend()}){note}]\n")
+                  f"({config.num_hidden_layers} layers, {jnp.dtype(dtype).name} weights, "
+                  f"{jnp.dtype(compute).name} compute, {jax.default_backend()}){note}]\n")
         out.flush()
     return 0
 

@@ -150,11 +150,11 @@ def _mark_seen(seen: Array, tok: Array) -> Array:
 @functools.partial(
     jax.jit,
     static_argnames=("config", "sampling", "max_new_tokens", "eos", "pad", "dtype", "impl",
-                     "callback", "unroll_layers"),
+                     "callback"),
     donate_argnames=("cache",),
 )
 def _generate(params, input_ids, mask, key, cache, *, config, sampling, max_new_tokens, eos,
-              pad, dtype, impl, callback, unroll_layers=False):
+              pad, dtype, impl, callback):
     batch = input_ids.shape[0]
     hidden, cache = backbone(params, config, input_ids, cache=cache, mask=mask, impl=impl,
                              dtype=dtype)
@@ -190,7 +190,7 @@ def _generate(params, input_ids, mask, key, cache, *, config, sampling, max_new_
         i, tok, done, lengths, tokens, seen, cache, key = carry
         # finished rows keep their state: the cache stays each row's true state
         logits, cache = decode_step(params, config, tok, cache, mask=~done, dtype=dtype,
-                                    impl=impl, unroll_layers=unroll_layers)
+                                    impl=impl)
         key, sub = jax.random.split(key)
         new = sample_token(sub, logits, sampling, seen)
         tok, done, lengths, tokens, seen = emit(i, new, done, lengths, tokens, seen)

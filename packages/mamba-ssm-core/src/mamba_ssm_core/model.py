@@ -21,13 +21,16 @@ residual stream is float32 when config.residual_in_fp32, and logits are float32.
 Cache (`MambaCache`): per layer, the last K-1 conv inputs (layers, batch, K-1, I) in
 the compute dtype and the SSM state (layers, batch, I, N) float32. A forward with a
 cache of several tokens runs the parallel scan from the cached state (prefill, or
-chunked prefill on a warm cache); of one token, the O(1) recurrent update.
+chunked prefill on a warm cache); of one token, an O(1) step: the decoding ops
+(`causal_conv1d_update`, `selective_state_update`) with impl "auto", a length-1 scan
+with any other impl ("recurrent" is the faster on CPUs; `generate` takes it there).
 
 Masks. `mask` (batch, length), nonzero for real tokens, is for left padding: a padded
 position feeds zeros to the conv and has time step 0, so the SSM state passes it
 unchanged. On a fresh cache every row then ends in exactly the state it would have
 without its padding. (On a warm cache, the conv window of the first real tokens
-after padding would see zeros instead of the cached inputs.)
+after padding would see zeros instead of the cached inputs.) In a one-token step a
+masked row keeps its whole state, conv window included.
 """
 
 from __future__ import annotations
@@ -285,7 +288,6 @@ def backbone(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
-    unroll_layers: bool = False,
 ) -> Float[Array, "batch length hidden"] | tuple[Float[Array, "batch length hidden"], MambaCache]:
     """Embedding, every layer (a `lax.scan` over the stacked layers), final RMSNorm.
 
@@ -334,8 +336,7 @@ def backbone(
     init = (hidden, jnp.zeros(hidden.shape, rd))
     states = None if cache is None else (cache.conv_state, cache.ssm_state)
     (hidden, residual), new_states = jax.lax.scan(
-        body, init, (params["backbone"]["layers"], states),
-        unroll=config.num_hidden_layers if unroll_layers else 1)
+        body, init, (params["backbone"]["layers"], states))
     residual = residual + hidden.astype(rd)
     out = rms_norm(residual, params["backbone"]["norm_f"]["weight"],
                    config.layer_norm_epsilon).astype(cd)
@@ -365,12 +366,11 @@ def forward(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
-    unroll_layers: bool = False,
 ) -> Float[Array, "batch length vocab"] | tuple[Float[Array, "batch length vocab"], MambaCache]:
     """The language model: logits (batch, length, vocab_size) float32, and with a cache,
     (logits, the updated cache). Arguments as for `backbone`."""
     out = backbone(params, config, input_ids, inputs_embeds=inputs_embeds, cache=cache,
-                   mask=mask, impl=impl, dtype=dtype, unroll_layers=unroll_layers)
+                   mask=mask, impl=impl, dtype=dtype)
     if cache is None:
         return lm_head(params, config, out)
     hidden, new_cache = out
@@ -386,7 +386,6 @@ def decode_step(
     mask: Bool[Array, " batch"] | None = None,
     dtype: Any = None,
     impl: Impl = "auto",
-    unroll_layers: bool = False,
 ) -> tuple[Float[Array, "batch vocab"], MambaCache]:
     """One decoding step: token (batch,) -> (logits (batch, vocab_size) float32, new cache).
 
@@ -397,7 +396,7 @@ def decode_step(
     _checks.check_rank("decode_step", "token", token, (1,), "(batch,)")
     logits, cache = forward(params, config, jnp.asarray(token)[:, None], cache=cache,
                             mask=None if mask is None else mask[:, None], dtype=dtype,
-                            impl=impl, unroll_layers=unroll_layers)
+                            impl=impl)
     return logits[:, 0], cache
 
 

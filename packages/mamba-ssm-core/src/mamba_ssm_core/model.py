@@ -264,7 +264,10 @@ def _check_ids(op: str, config: MambaConfig, input_ids) -> None:
     _checks.check_int(op, "input_ids", input_ids)
     _checks.check_rank(op, "input_ids", input_ids, (2,), "(batch, length)")
     if not isinstance(input_ids, jax.core.Tracer) and np.size(input_ids):
-        lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+        # To host first: np.min on a jax Array calls its .min(), which an enclosing
+        # trace would stage out (a closed-over concrete array is still concrete here).
+        ids = np.asarray(input_ids)
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"{op}: input_ids must lie in [0, vocab_size={config.vocab_size}), "
                              f"got values in [{lo}, {hi}]")

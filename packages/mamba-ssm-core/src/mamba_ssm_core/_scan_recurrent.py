@@ -1,11 +1,13 @@
 """The recurrent selective scan: `lax.scan` over time, laid out for a fast forward on CPUs.
 
 The same recurrence as `reference`, one step per loop iteration, with two changes
-that matter to XLA's CPU backend (about 10x at Mamba-130m's mixer shape on two cores,
-benchmarks/RESULTS.md): the state is kept (batch, state, dim), so every elementwise
-step runs contiguously along dim, and the output contraction over the state is a
-dot (at HIGHEST precision, so exact float32 on every backend) instead of a reduction
-along a short minor axis, which XLA emits as a slow loop inside a loop.
+that matter to XLA's CPU backend: the state is kept (batch, state, dim), so every
+elementwise step runs contiguously along dim, and the output contraction over the
+state is a dot (at HIGHEST precision, so exact float32 on every backend) instead of
+a reduction along the short state axis, which XLA's CPU backend emits as a slow loop
+inside the time loop. At the mamba-130m shape the whole model's 1x1024 prefill runs
+2.6x faster with it than with "reference" ("Mamba LM on the CPU" in
+benchmarks/RESULTS.md).
 
 It is registered as "recurrent" without an `auto` priority: its backward, like
 reference's, keeps one state per step, so training takes `chunked`. `generate`

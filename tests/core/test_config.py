@@ -180,3 +180,42 @@ def test_transformers_reads_our_config_dict():
                   "layer_norm_epsilon", "residual_in_fp32", "tie_word_embeddings",
                   "intermediate_size"):
         assert getattr(t, field) == getattr(c, field), field
+
+
+def test_for_mixer_has_the_original_layer_defaults_and_no_vocabulary():
+    c = MambaConfig.for_mixer(40)
+    assert (c.hidden_size, c.state_size, c.expand, c.conv_kernel) == (40, 16, 2, 4)
+    assert c.time_step_rank == 3  # "auto": ceil(40 / 16)
+    assert (c.use_bias, c.use_conv_bias, c.residual_in_fp32) == (False, True, True)
+    assert (c.vocab_size, c.tie_word_embeddings, c.num_hidden_layers) == (1, True, 1)
+    assert c.layer_norm_epsilon == 1e-5 and c.rescale_prenorm_residual is True
+    assert MambaConfig.for_mixer(40, time_step_rank=None) == c
+    # the same "auto" rule as a config.json
+    assert c.time_step_rank == MambaConfig.from_dict(
+        {**ORIG_130M, "d_model": 40}).time_step_rank
+
+
+def test_for_mixer_rebuilds_the_layers_of_any_config():
+    full = MambaConfig.from_dict({**ORIG_130M, "ssm_cfg": {
+        "d_state": 7, "d_conv": 3, "expand": 3, "dt_rank": 5, "bias": True, "conv_bias": False,
+        "dt_min": 0.01, "dt_max": 0.2, "dt_init": "constant", "dt_scale": 2.0,
+        "dt_init_floor": 1e-3}, "norm_epsilon": 1e-6, "residual_in_fp32": False})
+    fields = {k: getattr(full, k) for k in MambaConfig.BLOCK_FIELDS}
+    layer = MambaConfig.for_mixer(full.hidden_size, num_hidden_layers=full.num_hidden_layers,
+                                  **fields)
+    assert set(MambaConfig.MIXER_FIELDS) < set(MambaConfig.BLOCK_FIELDS)
+    assert layer == dataclasses.replace(full, vocab_size=1, pad_vocab_size_multiple=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden_size=0), "hidden_size must be >= 1"),
+        (dict(hidden_size=16, conv_kernel=1), "conv_kernel must be >= 2"),
+        (dict(hidden_size=16, time_step_rank=0), "time_step_rank must be >= 1"),
+        (dict(hidden_size=16, time_step_init_scheme="zeros"), "time_step_init_scheme"),
+    ],
+)
+def test_for_mixer_refuses_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MambaConfig.for_mixer(**kwargs)

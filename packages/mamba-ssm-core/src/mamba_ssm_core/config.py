@@ -23,6 +23,9 @@ Two `config.json` families are read:
 Anything else is refused with a ValueError naming the key: Mamba-2 and hybrid
 (attention or MLP) configs, LayerNorm instead of RMSNorm, another activation,
 unknown keys.
+
+`MambaConfig.for_mixer` builds the config of a standalone mixer or residual block
+(no vocabulary) from sizes, with the original `Mamba` layer's defaults.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from beartype import beartype
 
@@ -112,6 +115,11 @@ def _bool(source: str, key: str, v: Any) -> bool:
     return v
 
 
+def _auto_rank(hidden_size: int) -> int:
+    """The original's dt_rank "auto": ceil(hidden_size / 16)."""
+    return math.ceil(hidden_size / 16)
+
+
 def _token_id(source: str, key: str, v: Any) -> int | None:
     if v is None:
         return None
@@ -143,7 +151,19 @@ class MambaConfig:
     has them (eos_token_id is a tuple, possibly empty). pad_vocab_size_multiple is
     the original format's padding (1 when the file had none); vocab_size is
     already padded.
+
+    MIXER_FIELDS and BLOCK_FIELDS name the fields, besides hidden_size and
+    num_hidden_layers, that a standalone mixer or residual block reads (the keyword
+    arguments of `for_mixer` that describe it).
     """
+
+    MIXER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "state_size", "expand", "conv_kernel", "time_step_rank", "use_bias", "use_conv_bias",
+        "time_step_min", "time_step_max", "time_step_floor", "time_step_scale",
+        "time_step_init_scheme", "rescale_prenorm_residual",
+    )
+    BLOCK_FIELDS: ClassVar[tuple[str, ...]] = (
+        *MIXER_FIELDS, "layer_norm_epsilon", "residual_in_fp32")
 
     vocab_size: int
     hidden_size: int
@@ -197,6 +217,48 @@ class MambaConfig:
     def intermediate_size(self) -> int:
         """I = expand * hidden_size, the width of the mixer."""
         return self.expand * self.hidden_size
+
+    @classmethod
+    @beartype
+    def for_mixer(
+        cls,
+        hidden_size: int,
+        *,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank: int | Literal["auto"] | None = "auto",
+        use_bias: bool = False,
+        use_conv_bias: bool = True,
+        layer_norm_epsilon: float = 1e-5,
+        residual_in_fp32: bool = True,
+        num_hidden_layers: int = 1,
+        rescale_prenorm_residual: bool = True,
+        time_step_min: float = 0.001,
+        time_step_max: float = 0.1,
+        time_step_floor: float = 1e-4,
+        time_step_scale: float = 1.0,
+        time_step_init_scheme: str = "random",
+    ) -> MambaConfig:
+        """The config of a standalone mixer or residual block: no vocabulary (vocab_size
+        1, tied, so no LM head), the defaults of the original `Mamba` layer
+        (mamba_simple.py) and of `MambaConfig`'s RMSNorm.
+
+        time_step_rank: an int, or "auto" / None for ceil(hidden_size / 16).
+        num_hidden_layers: the depth of the model the layer is initialised for (out_proj
+        starts divided by its square root when rescale_prenorm_residual); the other
+        arguments are the fields of the same names. Raises ConfigError on a bad value.
+        """
+        rank = _auto_rank(hidden_size) if time_step_rank in ("auto", None) else time_step_rank
+        return cls(
+            vocab_size=1, hidden_size=hidden_size, state_size=state_size,
+            num_hidden_layers=num_hidden_layers, expand=expand, conv_kernel=conv_kernel,
+            time_step_rank=rank, use_bias=use_bias, use_conv_bias=use_conv_bias,
+            layer_norm_epsilon=layer_norm_epsilon, residual_in_fp32=residual_in_fp32,
+            tie_word_embeddings=True, time_step_min=time_step_min, time_step_max=time_step_max,
+            time_step_floor=time_step_floor, time_step_scale=time_step_scale,
+            time_step_init_scheme=time_step_init_scheme,
+            rescale_prenorm_residual=rescale_prenorm_residual)
 
     @classmethod
     @beartype
@@ -309,7 +371,7 @@ def _from_hf(d: dict[str, Any], src: str) -> MambaConfig:
                         f"hidden_size = {expand} * {hidden}; transformers ignores the file value "
                         "and computes it, so such a checkpoint cannot be run as written")
     rank = d["time_step_rank"]
-    rank = math.ceil(hidden / 16) if rank == "auto" else _int(src, "time_step_rank", rank)
+    rank = _auto_rank(hidden) if rank == "auto" else _int(src, "time_step_rank", rank)
     opt = lambda k, default: d[k] if k in d else default  # noqa: E731
     return MambaConfig(
         vocab_size=_int(src, "vocab_size", d["vocab_size"]),
@@ -374,7 +436,7 @@ def _from_original(d: dict[str, Any], src: str) -> MambaConfig:
     hidden = _int(src, "d_model", o["d_model"])
     expand = _int(src, "ssm_cfg.expand", s["expand"])
     rank = s["dt_rank"]
-    rank = math.ceil(hidden / 16) if rank == "auto" else _int(src, "ssm_cfg.dt_rank", rank)
+    rank = _auto_rank(hidden) if rank == "auto" else _int(src, "ssm_cfg.dt_rank", rank)
     vocab = _int(src, "vocab_size", o["vocab_size"])
     multiple = _int(src, "pad_vocab_size_multiple", o["pad_vocab_size_multiple"])
     if vocab % multiple:

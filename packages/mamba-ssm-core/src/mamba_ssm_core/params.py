@@ -28,13 +28,19 @@ V = vocab_size:
 in_proj's output is [x, z] (the first I rows feed the conv, the last I the gate);
 x_proj's output is [dt (R), B (N), C (N)]. A = -exp(A_log). `A_log`, `D` and
 `dt_proj.bias` are the "SSM parameters", kept in float32 when the rest is bfloat16.
+
+One layer's parameters, {"norm": ..., "mixer": ...} without the leading L axis, are
+what `init_layer_params` draws, `layer_shapes` describes and
+`mamba_ssm_core.layer_params` takes out of a model. Paths are dotted
+("mixer.in_proj.weight"); `flatten` and `unflatten` convert between the nested dict
+and {dotted path: leaf}.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -45,6 +51,22 @@ from jax import Array
 
 from .config import MambaConfig
 
+__all__ = [
+    "SSM_PARAM_PATHS",
+    "ParamsError",
+    "abstract_params",
+    "cast_params",
+    "check_params",
+    "check_shapes",
+    "flatten",
+    "init_layer_params",
+    "init_params",
+    "is_ssm_param",
+    "layer_shapes",
+    "param_shapes",
+    "unflatten",
+]
+
 # Paths (dotted, relative to one layer's "mixer") of the parameters kept in float32.
 SSM_PARAM_PATHS = ("A_log", "D", "dt_proj.bias")
 
@@ -54,7 +76,8 @@ class ParamsError(ValueError):
 
 
 def layer_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's parameters (unstacked), by dotted path under `layers`."""
+    """Shapes of one layer's parameters (unstacked), by dotted path under `layers`:
+    {"norm.weight": (H,), "mixer.in_proj.weight": (2I, H), ...}."""
     H, I, N = config.hidden_size, config.intermediate_size, config.state_size
     K, R = config.conv_kernel, config.time_step_rank
     shapes = {
@@ -90,8 +113,9 @@ def param_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def is_ssm_param(path: str) -> bool:
-    """True for the dotted paths of A_log, D and dt_proj.bias (stacked or per layer)."""
-    return any(path.endswith("mixer." + p) for p in SSM_PARAM_PATHS)
+    """True for the dotted path of A_log, D or dt_proj.bias at any level: a whole model's
+    ("backbone.layers.mixer.D"), one layer's ("mixer.D") or one mixer's ("D")."""
+    return any(path == p or path.endswith("." + p) for p in SSM_PARAM_PATHS)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,26 +156,50 @@ def abstract_params(
     })
 
 
-def check_params(params: Any, config: MambaConfig, *, where: str = "params") -> None:
-    """Raise ParamsError listing every missing, unexpected, misshapen or non-float leaf."""
+def check_shapes(
+    params: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    where: str = "params",
+    optional: Collection[str] = (),
+) -> None:
+    """Raise ParamsError listing every missing, unexpected, misshapen or non-float leaf.
+
+    params: a nested dict of arrays. shapes: the expected shape of every leaf, by dotted
+    path (e.g. `param_shapes(config)`, `layer_shapes(config)`). optional: paths of
+    `shapes` that may be left out (they are checked when present). where: names the
+    pytree in the message.
+    """
     if not isinstance(params, Mapping):
         raise ParamsError(f"{where}: expected a nested dict of arrays, got {type(params).__name__}")
-    expected = param_shapes(config)
-    got = {p: v for p, v in flatten(params).items()}
+    got = flatten(params)
     problems = []
-    for p in sorted(set(expected) - set(got)):
-        problems.append(f"missing {p}: expected shape {expected[p]}")
-    for p in sorted(set(got) - set(expected)):
+    for p in sorted(set(shapes) - set(got) - set(optional)):
+        problems.append(f"missing {p}: expected shape {tuple(shapes[p])}")
+    for p in sorted(set(got) - set(shapes)):
         problems.append(f"unexpected {p}: shape {tuple(np.shape(got[p]))}")
-    for p in sorted(set(got) & set(expected)):
+    for p in sorted(set(got) & set(shapes)):
         shape = tuple(np.shape(got[p]))
-        if shape != expected[p]:
-            problems.append(f"shape mismatch {p}: expected {expected[p]}, got {shape}")
+        if shape != tuple(shapes[p]):
+            problems.append(f"shape mismatch {p}: expected {tuple(shapes[p])}, got {shape}")
         elif not jnp.issubdtype(jnp.result_type(got[p]), jnp.floating):
             problems.append(f"dtype {p}: expected a floating dtype, got {jnp.result_type(got[p])}")
     if problems:
-        raise ParamsError(f"{where} do not fit the config ({len(problems)} problems):\n  "
+        raise ParamsError(f"{where} do not fit ({len(problems)} problems):\n  "
                           + "\n  ".join(problems))
+
+
+def check_params(
+    params: Any, config: MambaConfig, *, head: bool = True, where: str = "params"
+) -> None:
+    """Raise ParamsError listing every missing, unexpected, misshapen or non-float leaf
+    of a whole model's `params` (layout: the module docstring).
+
+    head: False for what only the backbone reads, {"backbone": ...}: an untied config's
+    lm_head may then be left out (it is still checked when present).
+    """
+    optional = () if head else ("lm_head.weight",)
+    check_shapes(params, param_shapes(config), where=where, optional=optional)
 
 
 def _uniform(key: Array, shape: tuple[int, ...], bound: float) -> Array:
@@ -219,10 +267,41 @@ def init_params(
     untied lm_head U(±1/sqrt(H)).
 
     key: a PRNG key. Leaves are `dtype` except A_log, D and dt_proj.bias (`ssm_dtype`);
-    all are drawn in float32 and then cast. Layout: see the module docstring.
+    all are drawn in float32 and then cast. Layout: see the module docstring. Layer i
+    is `init_layer_params(layer_keys[i], config)` with
+    `layer_keys = jax.random.split(jax.random.split(key, 3)[1], L)`.
     """
     flat = _init_flat(key, config, jnp.dtype(dtype), jnp.dtype(ssm_dtype), float(embedding_std))
     return unflatten(flat)
+
+
+@beartype
+def init_layer_params(
+    key: Array,
+    config: MambaConfig,
+    *,
+    dtype: Any = jnp.float32,
+    ssm_dtype: Any = jnp.float32,
+) -> dict[str, Any]:
+    """One layer's fresh parameters, {"norm": {"weight"}, "mixer": {...}} unstacked
+    (shapes: `layer_shapes(config)`), drawn as `init_params` draws each of its layers,
+    for a layer of a config.num_hidden_layers-layer model (out_proj divided by
+    sqrt(num_hidden_layers) when config.rescale_prenorm_residual). Nothing else of the
+    model is drawn: a standalone mixer or block needs no vocabulary
+    (`MambaConfig.for_mixer`).
+
+    key: a PRNG key. Leaves are `dtype` except A_log, D and dt_proj.bias (`ssm_dtype`).
+    """
+    return unflatten(_init_layer_flat(key, config, jnp.dtype(dtype), jnp.dtype(ssm_dtype)))
+
+
+def _cast_flat(flat: Mapping[str, Array], dtype: Any, ssm_dtype: Any) -> dict[str, Array]:
+    return {p: v.astype(ssm_dtype if is_ssm_param(p) else dtype) for p, v in flat.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_layer_flat(key, config, dtype, ssm_dtype) -> dict[str, Array]:
+    return _cast_flat(_init_layer(key, config), dtype, ssm_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -237,7 +316,7 @@ def _init_flat(key, config, dtype, ssm_dtype, embedding_std) -> dict[str, Array]
     flat["backbone.norm_f.weight"] = jnp.ones((H,), jnp.float32)
     if not config.tie_word_embeddings:
         flat["lm_head.weight"] = _uniform(k_head, (V, H), 1 / math.sqrt(H))
-    return {p: v.astype(ssm_dtype if is_ssm_param(p) else dtype) for p, v in flat.items()}
+    return _cast_flat(flat, dtype, ssm_dtype)
 
 
 @beartype

@@ -47,8 +47,14 @@ from .params import ParamsError as ParamsError
 from .params import abstract_params as abstract_params
 from .params import cast_params as cast_params
 from .params import check_params as check_params
+from .params import check_shapes as check_shapes
+from .params import flatten as flatten
+from .params import init_layer_params as init_layer_params
 from .params import init_params as init_params
+from .params import is_ssm_param as is_ssm_param
+from .params import layer_shapes as layer_shapes
 from .params import param_shapes as param_shapes
+from .params import unflatten as unflatten
 from .generation import GenerationOutput as GenerationOutput
 from .generation import Sampling as Sampling
 from .generation import generate as generate
@@ -87,8 +93,14 @@ __all__ = [
     "abstract_params",
     "cast_params",
     "check_params",
+    "check_shapes",
+    "flatten",
+    "init_layer_params",
     "init_params",
+    "is_ssm_param",
+    "layer_shapes",
     "param_shapes",
+    "unflatten",
     "AssociativeScan",
     "ByteTokenizer",
     "ChunkedScan",

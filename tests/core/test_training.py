@@ -95,9 +95,18 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_loss_is_the_cross_entropy_of_forward(remat):
+    """lm_loss is the mean cross-entropy of model.forward's logits, bit for bit in the
+    same program (its remat is forward's), and of the plain forward to rounding."""
     config = training.byte_lm_config(**TINY)
     params = init_params(jax.random.key(1), config)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 33)), jnp.int32)
+
+    def by_forward(params, tokens):
+        logits = forward(params, config, tokens[:, :-1], remat=remat)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    got = jax.jit(lambda p, t: training.lm_loss(p, config, t, remat=remat))(params, tokens)
+    assert np.asarray(got) == np.asarray(jax.jit(by_forward)(params, tokens))
     want = optax.softmax_cross_entropy_with_integer_labels(
         forward(params, config, tokens[:, :-1]), tokens[:, 1:]).mean()
     loss, grads = jax.value_and_grad(training.lm_loss)(params, config, tokens, remat=remat)

@@ -1,4 +1,4 @@
-"""`train` on a (data, fsdp, tensor) device mesh (TrainConfig.mesh, mamba-train --mesh).
+"""`train` on a (data, fsdp, tensor[, seq]) device mesh (TrainConfig.mesh, mamba-train --mesh).
 
 On the 8 virtual CPU devices of the root conftest: every layout gives the single-device
 run's losses, gradient norms, held-out bits per byte, parameters and optimizer state
@@ -7,6 +7,7 @@ resumes bit-identically on its mesh and to rounding on another; the errors name 
 mesh and the argument.
 """
 
+import json
 import math
 
 import jax
@@ -22,7 +23,9 @@ from tests.core.conftest import unhooked
 
 TOL = 1e-5
 MODEL = training.byte_lm_config(hidden_size=32, num_hidden_layers=2, state_size=4)  # I = 64
-LAYOUTS = [(8, 1, 1), (2, 4, 1), (2, 1, 4), (2, 2, 2), (1, 8, 1)]
+LAYOUTS = [(8, 1, 1), (2, 4, 1), (2, 1, 4), (2, 2, 2), (1, 8, 1),
+           # the sequence split too: seq_len 16 in shards of 4 and 8 steps
+           (2, 1, 1, 4), (1, 2, 2, 2)]
 
 
 def _config(mesh, **kw):
@@ -74,7 +77,7 @@ def _assert_close(got, want, what):
     assert errors and not bad, f"{what}: relative errors above {TOL}: {bad}"
 
 
-@pytest.mark.parametrize("mesh", LAYOUTS, ids=lambda m: "mesh {},{},{}".format(*m))
+@pytest.mark.parametrize("mesh", LAYOUTS, ids=lambda m: "mesh " + ",".join(map(str, m)))
 def test_every_layout_gives_the_single_device_run(run, mesh):
     (single, _), (sharded, out) = run(None), run(mesh)
     assert sharded.step == single.step == 3
@@ -87,8 +90,8 @@ def test_every_layout_gives_the_single_device_run(run, mesh):
 
     # The state really lives on the mesh, laid out by train_shardings (axes of size 1
     # left out), and FSDP x tensor split the largest weights.
-    data, fsdp, tensor = mesh
-    m = make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})
+    data, fsdp, tensor = mesh[:3]
+    m = make_mesh(dict(zip(training.TrainConfig.MESH_AXES, mesh)))
     sh = train_shardings(m, single.params, single.opt_state,
                          data_axis="data" if data > 1 else None,
                          fsdp_axis="fsdp" if fsdp > 1 else None,
@@ -146,11 +149,15 @@ def _unchecked_config(**kw):
 
 
 def test_mesh_errors_name_the_argument(corpus, tmp_path):
-    for bad in ((2, 4), (8, 0, 1), (2.0, 2, 2), "2,2,2"):
-        with pytest.raises(ValueError, match=r"^TrainConfig: mesh must be None or three "
-                                             r"integers >= 1 \(data, fsdp, tensor\)"):
+    for bad in ((2, 4), (8, 0, 1), (2.0, 2, 2), "2,2,2", (1, 1, 1, 2, 4)):
+        with pytest.raises(ValueError, match=r"^TrainConfig: mesh must be None or three or four "
+                                             r"integers >= 1 \(data, fsdp, tensor\[, seq\]\)"):
             _unchecked_config(mesh=bad)
     assert _unchecked_config(mesh=[2, 2, 2]).mesh == (2, 2, 2)
+    assert _unchecked_config(mesh=[2, 1, 1, 4]).mesh == (2, 1, 1, 4)
+    with pytest.raises(ValueError, match=r"^TrainConfig: seq_len must be divisible by the mesh's "
+                                         r"seq = 4 sequence shards \(mesh=\(2, 1, 1, 4\)\), got 18"):
+        training.TrainConfig(seq_len=18, mesh=(2, 1, 1, 4))
     with pytest.raises(ValueError, match=r"batch_size must be divisible by the mesh's data x "
                                          r"fsdp = 2 x 4 = 8 batch shards"):
         training.TrainConfig(batch_size=12, mesh=(2, 4, 1))
@@ -162,7 +169,16 @@ def test_mesh_errors_name_the_argument(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"^train: mesh=\(1, 1, 8\) has tensor size 8, which "
                                          r"does not divide the model's 36 inner channels"):
         training.train(odd, _config((1, 1, 8)), tmp_path / "b", corpus=corpus, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"^train: mesh=\(1, 1, 1, 8\) splits seq_len 16 into 8 "
+                                         r"shards of 2 steps, fewer than the conv's "
+                                         r"conv_kernel - 1 = 3"):
+        training.train(MODEL, _config((1, 1, 1, 8)), tmp_path / "c", corpus=corpus,
+                       progress=False)
+    with pytest.raises(ValueError, match=r"^train: mesh=\(1, 1, 2, 8\) \(data, fsdp, tensor, "
+                                         r"seq\) makes 16 shards, but there are 8 cpu devices"):
+        training.train(MODEL, _config((1, 1, 2, 8)), tmp_path / "c", corpus=corpus,
+                       progress=False)
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_cli_mesh_flag(corpus, tmp_path, capsys):
@@ -189,11 +205,32 @@ def test_cli_mesh_flag(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"batch_size must be divisible by the mesh's data x "
                                          r"fsdp = 1 x 8 = 8"):
         _train_cli.main([*args, "--no-resume", "--batch-size", "4", "--mesh", "1,8,1"])
-    for bad in ("2,2", "2,x,2", "0,8,1"):
+    for bad in ("2,2", "2,x,2", "0,8,1", "1,1,1,2,4"):
         with pytest.raises(SystemExit) as e:
             _train_cli.main([*args, "--mesh", bad])
         assert e.value.code == 2
-        assert "expected DATA,FSDP,TENSOR" in capsys.readouterr().err
+        assert "expected DATA,FSDP,TENSOR[,SEQ]" in capsys.readouterr().err
+
+
+def test_cli_mesh_flag_with_a_sequence_axis(run, corpus, tmp_path, capsys):
+    """--mesh DATA,FSDP,TENSOR,SEQ trains with each window split over SEQ: the same
+    first step as the layout test's run on that mesh (whose compiled step it reuses)."""
+    whole, _ = run((2, 1, 1, 4))
+    save_corpus(corpus, tmp_path / "c.npz")
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--corpus", str(tmp_path / "c.npz"), "--hidden-size", "32",
+            "--num-hidden-layers", "2", "--state-size", "4", "--steps", "3", "--batch-size", "8",
+            "--seq-len", "16", "--learning-rate", "0.01", "--warmup-steps", "1", "--seed", "3",
+            "--eval-every", "3", "--eval-tokens", "256", "--log-every", "1", "--save-every", "3"]
+    assert _train_cli.main([*args, "--mesh", "2,1,1,4", "--stop-after", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "8 cpu devices, mesh data 2 x fsdp 1 x tensor 1 x seq 4" in err and "step 1/3" in err
+    assert training.saved_train_config(out).mesh == (2, 1, 1, 4)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert _records(log, "loss") == _records(whole.log, "loss")[:1]
+    with pytest.raises(SystemExit, match=r"seq_len must be divisible by the mesh's seq = 4 "
+                                         r"sequence shards"):
+        _train_cli.main([*args, "--no-resume", "--seq-len", "18", "--mesh", "2,1,1,4"])
 
 
 def test_batch_placement_hands_each_device_its_rows():

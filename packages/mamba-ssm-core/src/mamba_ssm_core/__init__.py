@@ -20,6 +20,7 @@ from .sharding import batch_sharding as batch_sharding
 from .sharding import make_mesh as make_mesh
 from .sharding import optimizer_state_shardings as optimizer_state_shardings
 from .sharding import param_shardings as param_shardings
+from .sharding import sequence_parallel_forward as sequence_parallel_forward
 from .sharding import sharded_selective_scan as sharded_selective_scan
 from .sharding import train_shardings as train_shardings
 from .state_update import selective_state_update as selective_state_update
@@ -125,5 +126,6 @@ __all__ = [
     "make_mesh",
     "optimizer_state_shardings",
     "param_shardings",
+    "sequence_parallel_forward",
     "train_shardings",
 ]

@@ -4,14 +4,16 @@
     mamba-train --out checkpoints/mine --files notes/ '*.md'   # your own text files
     mamba-train --out checkpoints/bytes                       # resume where it stopped
     mamba-train --out checkpoints/big --mesh 2,2,2            # 8 devices: data, FSDP, tensor
+    mamba-train --out checkpoints/long --seq-len 65536 --mesh 1,1,1,8   # 8 devices: sequence
 
 Running it again with the same --out resumes from the checkpoint there, taking the
 saved settings; flags given on the command line must agree with them, except the
 logging, evaluation, saving, time-limit and --mesh flags.
 
---mesh DATA,FSDP,TENSOR runs the step on a device mesh of those sizes (their product
-is the device count): the batch splits over DATA x FSDP, FSDP shards parameters and
-optimizer state, TENSOR splits the mixer's inner channels (`TrainConfig.mesh`).
+--mesh DATA,FSDP,TENSOR[,SEQ] runs the step on a device mesh of those sizes (their
+product is the device count): the batch splits over DATA x FSDP, FSDP shards
+parameters and optimizer state, TENSOR splits the mixer's inner channels, SEQ splits
+each window's length (`TrainConfig.mesh`).
 --mesh none goes back to one device when resuming a run saved with a mesh.
 """
 
@@ -29,8 +31,8 @@ from .config import MambaConfig
 _NO_MESH = "none"
 
 
-def _mesh_arg(text: str) -> tuple[int, int, int] | str:
-    """--mesh DATA,FSDP,TENSOR (e.g. 2,2,2), or "none"."""
+def _mesh_arg(text: str) -> tuple[int, ...] | str:
+    """--mesh DATA,FSDP,TENSOR[,SEQ] (e.g. 2,2,2 or 1,2,1,4), or "none"."""
     if text.strip().lower() == _NO_MESH:
         return _NO_MESH
     parts = text.split(",")
@@ -38,9 +40,10 @@ def _mesh_arg(text: str) -> tuple[int, int, int] | str:
         sizes = tuple(int(x) for x in parts)
     except ValueError:
         sizes = ()
-    if len(sizes) != 3 or min(sizes) < 1:
+    if len(sizes) not in (3, 4) or min(sizes) < 1:
         raise argparse.ArgumentTypeError(
-            f"expected DATA,FSDP,TENSOR: three integers >= 1 such as 2,2,2 (or none), got {text!r}")
+            f"expected DATA,FSDP,TENSOR[,SEQ]: three or four integers >= 1 such as 2,2,2 or "
+            f"1,2,1,4 (or none), got {text!r}")
     return sizes
 
 
@@ -78,9 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                             help=f"rematerialise each layer (default {default})")
             hp.add_argument("--no-remat", dest="remat", action="store_false")
         elif f.name == "mesh":
-            hp.add_argument(flag, type=_mesh_arg, default=None, metavar="DATA,FSDP,TENSOR",
-                            help="device mesh sizes, product = device count, e.g. 2,2,2 "
-                                 "(default: one device; none: one device on resumption)")
+            hp.add_argument(flag, type=_mesh_arg, default=None, metavar="DATA,FSDP,TENSOR[,SEQ]",
+                            help="device mesh sizes, product = device count, e.g. 2,2,2 or "
+                                 "1,1,2,4 (SEQ splits each window's length; default: one "
+                                 "device; none: one device on resumption)")
         elif f.name == "compute_dtype":
             hp.add_argument(flag, choices=["float32", "bfloat16"], default=None,
                             help=f"default {default}")

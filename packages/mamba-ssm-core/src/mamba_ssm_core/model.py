@@ -45,6 +45,7 @@ from jax import Array
 from jaxtyping import Bool, Float, Int, jaxtyped
 
 from . import _checks
+from . import _sequence_parallel as _sp
 from ._scan_common import ScanImplementation
 from ._scan_recurrent import RecurrentScan as RecurrentScan  # registers "recurrent"
 from .config import MambaConfig
@@ -55,6 +56,7 @@ from .state_update import selective_state_update
 
 Params = dict[str, Any]
 Impl = str | ScanImplementation
+SequenceAxis = str | tuple[str, ...] | None
 _IntLike = Int[Array, "..."] | Int[np.ndarray, "..."]
 
 # Time-step pre-activation given to padded positions: softplus of it is exactly 0.0
@@ -148,6 +150,7 @@ def mixer(
     state: MixerState | None = None,
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
+    sequence_axis: SequenceAxis = None,
 ) -> tuple[Float[Array, "batch length hidden"], MixerState | None]:
     """One Mamba mixer (in_proj, causal conv + SiLU, selective scan gated by SiLU(z), out_proj).
 
@@ -158,12 +161,26 @@ def mixer(
     state and impl "auto" takes the decoding ops (`causal_conv1d_update`,
     `selective_state_update`); any other impl runs the conv and the scan of length 1
     with it (on CPUs "recurrent" is the faster of the two; `generate` uses it).
+    sequence_axis: inside `jax.shard_map`, the manual mesh axis (or tuple of axes,
+    first major) over which the length is split; x, mask and y are then this shard's
+    block (its length at least conv_kernel - 1), and `state` and the returned state
+    belong to the whole sequence (the same on every shard). The conv takes the
+    previous shard's last conv_kernel - 1 inputs (a `ppermute` halo) and the scan
+    chains the shards (see `sharding.sharded_selective_scan`), so the outputs are
+    the unsplit call's. See `sharding.sequence_parallel_forward` for the whole LM.
 
     Returns (y (batch, length, H) in x's dtype, the new MixerState when `state` was
     given, else None).
     """
     op = "mixer"
     _check_mixer_inputs(op, config, x, state, mask)
+    seq = None if sequence_axis is None else _sp.bind(op, sequence_axis)
+    K = config.conv_kernel
+    if seq is not None and x.shape[1] < K - 1:
+        raise ValueError(
+            f"{op}: each sequence shard must hold at least conv_kernel - 1 = {K - 1} steps, "
+            f"got {x.shape[1]} ({seq.shards} shards over sequence_axis={sequence_axis!r})")
+    total_length = x.shape[1] * (1 if seq is None else seq.shards)
     cd = x.dtype
     I, N, R = config.intermediate_size, config.state_size, config.time_step_rank
     keep = None if mask is None else as_bool_mask(mask)[..., None]
@@ -183,7 +200,18 @@ def mixer(
         dt, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
         return jnp.einsum("...r,ir->...i", dt, params["dt_proj"]["weight"].astype(cd)), B, C
 
-    if state is not None and x.shape[1] == 1 and isinstance(impl, str) and impl == "auto":
+    if seq is not None:
+        prev = _sp.conv_halo(xs, K - 1, None if state is None else state.conv, seq)
+        u, conv_state = causal_conv1d(xs, conv_w, conv_b, activation="silu",
+                                      initial_state=prev, return_final_state=True)
+        conv_state = _sp.from_last_shard(conv_state, seq)
+        dt, B, C = project(u)
+        if keep is not None:
+            dt = jnp.where(keep, dt, jnp.asarray(_MASKED_DT, cd))
+        y, ssm_state = _sp.selective_scan(
+            u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+            initial_state=None if state is None else state.ssm, impl=impl, seq=seq)
+    elif state is not None and x.shape[1] == 1 and isinstance(impl, str) and impl == "auto":
         u, conv_state = causal_conv1d_update(state.conv, xs[:, 0], conv_w, conv_b,
                                              activation="silu")
         dt, B, C = project(u)
@@ -201,7 +229,7 @@ def mixer(
             u, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm, return_final_state=True,
             impl=impl)
-    if state is not None and keep is not None and x.shape[1] == 1:
+    if state is not None and keep is not None and total_length == 1:
         # a masked decoding step leaves the row's state exactly as it was (the conv
         # window too, which the general path would shift); keep is (batch, 1, 1)
         conv_state = jnp.where(keep, conv_state, state.conv)
@@ -219,6 +247,7 @@ def residual_block(
     state: MixerState | None = None,
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
+    sequence_axis: SequenceAxis = None,
 ) -> tuple[Float[Array, "batch length hidden"], Float[Array, "batch length hidden"],
            MixerState | None]:
     """One block in the original's fused add-norm form: residual += hidden;
@@ -229,13 +258,13 @@ def residual_block(
     residual stream so far, float32 when config.residual_in_fp32, or None before the
     first block. Returns (mixer output in hidden's dtype, the updated residual, the
     new MixerState or None). After the last block, the model's output is
-    RMSNorm_f(residual + hidden).
+    RMSNorm_f(residual + hidden). sequence_axis: see `mixer`.
     """
     rd = jnp.float32 if config.residual_in_fp32 else hidden.dtype
     residual = hidden.astype(rd) if residual is None else residual + hidden.astype(rd)
     normed = rms_norm(residual, params["norm"]["weight"], config.layer_norm_epsilon)
     out, new_state = mixer(params["mixer"], config, normed.astype(hidden.dtype), state=state,
-                           mask=mask, impl=impl)
+                           mask=mask, impl=impl, sequence_axis=sequence_axis)
     return out, residual, new_state
 
 
@@ -291,13 +320,20 @@ def backbone(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
+    remat: bool = False,
+    sequence_axis: SequenceAxis = None,
 ) -> Float[Array, "batch length hidden"] | tuple[Float[Array, "batch length hidden"], MambaCache]:
     """Embedding, every layer (a `lax.scan` over the stacked layers), final RMSNorm.
 
     input_ids: (batch, length) integers in [0, vocab_size), or inputs_embeds
     (batch, length, H) instead. cache: a `MambaCache` to continue from (its conv
     state in the compute dtype). mask: (batch, length), nonzero for real tokens (left
-    padding). dtype: the compute dtype, default the embedding's dtype.
+    padding). dtype: the compute dtype, default the embedding's dtype. remat: recompute
+    each layer's activations in the backward pass (`jax.checkpoint` around the layer
+    body) instead of storing them: training memory of one layer's activations plus
+    each layer's input. sequence_axis: inside `jax.shard_map`, the manual mesh axis
+    (or axes) over which the length is split (see `mixer`); the inputs and the output
+    are this shard's block, the cache the whole sequence's.
 
     Returns the normalised hidden states (batch, length, H) in the compute dtype, and
     with a cache, (hidden, the updated cache).
@@ -332,8 +368,12 @@ def backbone(
         layer, layer_state = xs
         state = None if layer_state is None else MixerState(*layer_state)
         hidden, residual, new_state = residual_block(
-            layer, config, hidden, residual, state=state, mask=mask, impl=impl)
+            layer, config, hidden, residual, state=state, mask=mask, impl=impl,
+            sequence_axis=sequence_axis)
         return (hidden, residual), (None if new_state is None else tuple(new_state))
+
+    if remat:
+        body = jax.checkpoint(body)
 
     # residual starts at 0: 0 + embeddings is exact, so every layer shares one body.
     init = (hidden, jnp.zeros(hidden.shape, rd))
@@ -369,11 +409,13 @@ def forward(
     mask: Bool[Array, "batch length"] | _IntLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
+    remat: bool = False,
+    sequence_axis: SequenceAxis = None,
 ) -> Float[Array, "batch length vocab"] | tuple[Float[Array, "batch length vocab"], MambaCache]:
     """The language model: logits (batch, length, vocab_size) float32, and with a cache,
     (logits, the updated cache). Arguments as for `backbone`."""
     out = backbone(params, config, input_ids, inputs_embeds=inputs_embeds, cache=cache,
-                   mask=mask, impl=impl, dtype=dtype)
+                   mask=mask, impl=impl, dtype=dtype, remat=remat, sequence_axis=sequence_axis)
     if cache is None:
         return lm_head(params, config, out)
     hidden, new_cache = out

@@ -6,6 +6,11 @@ shards are chained by the affine map each applies to the state entering it
 (see `_sharding_scan`). Any registered implementation runs inside, forward and
 backward.
 
+`sequence_parallel_forward` runs the whole LM with the token sequence split over a
+mesh axis: every mixer's conv takes a halo from the previous shard and its scan is
+chained as above (`model.forward(..., sequence_axis=)` inside `shard_map`), so a
+sequence longer than one device's memory runs, and trains, across devices.
+
 `param_shardings`, `optimizer_state_shardings`, `batch_sharding` and
 `train_shardings` lay the LM's parameters, optimiser state and token batches out
 over data, FSDP and tensor (channel) axes (rules in `_sharding_params`); `jax.jit`
@@ -16,20 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import Array
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
+from . import model as _model
 from . import scan as _scan
 from ._scan_common import ScanArgs, ScanImplementation, ScanSpec
 from ._sharding_params import dotted, param_spec
 from ._sharding_scan import ShardLayout, shard_body
+from .config import MambaConfig
 
 _OP = "sharded_selective_scan"
 
@@ -402,3 +411,122 @@ def train_shardings(
     )
     os_ = None if opt_state is None else optimizer_state_shardings(opt_state, params, ps)
     return TrainShardings(ps, os_, batch_sharding(mesh, data_axis=data_axis, fsdp_axis=fsdp_axis))
+
+
+# ---------------------------------------------------------------- sequence-parallel LM
+
+
+@functools.lru_cache(maxsize=32)
+def _sequence_parallel_fn(
+    config: MambaConfig, mesh: Mesh, seq: tuple[str, ...], batch: tuple[str, ...],
+    embeds: bool, has_mask: bool, has_cache: bool, impl: Any, dtype: Any, remat: bool,
+):
+    """The jitted shard_map of `model.forward` for one set of static settings.
+
+    Only the sequence and batch axes are manual; the mesh's other axes stay with
+    XLA's partitioner (parameters split over FSDP or tensor axes keep their layout).
+    Jitted because shard_map with auto axes runs only under jit.
+    """
+    bs, ss = _entry(batch), _entry(seq)
+    state_spec = P(None, bs, None, None)
+    x_spec = P(bs, ss, None) if embeds else P(bs, ss)
+    in_specs = [P(), x_spec]
+    if has_mask:
+        in_specs.append(P(bs, ss))
+    if has_cache:
+        in_specs.append(_model.MambaCache(state_spec, state_spec))
+    out_specs = P(bs, ss, None)
+    if has_cache:
+        out_specs = (out_specs, _model.MambaCache(state_spec, state_spec))
+    axis = seq[0] if len(seq) == 1 else seq
+
+    def body(params, x, *rest):
+        mask = rest[0] if has_mask else None
+        cache = rest[-1] if has_cache else None
+        ids, emb = (None, x) if embeds else (x, None)
+        return _model.forward(params, config, ids, inputs_embeds=emb, cache=cache, mask=mask,
+                              impl=impl, dtype=dtype, remat=remat, sequence_axis=axis)
+
+    # check_vma=False: the scan implementations are single-device code (see
+    # sharded_selective_scan); gradients of the replicated parameters are summed
+    # over the manual axes by shard_map's transpose.
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                                 axis_names=frozenset((*seq, *batch)), check_vma=False))
+
+
+def sequence_parallel_forward(
+    params: Mapping[str, Any],
+    config: MambaConfig,
+    input_ids: Int[Array, "batch length"] | None = None,
+    *,
+    mesh: Mesh,
+    sequence_axis: AxisNames,
+    batch_axis: AxisNames = None,
+    inputs_embeds: Float[Array, "batch length hidden"] | None = None,
+    cache: _model.MambaCache | None = None,
+    mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+    impl: str | ScanImplementation = "auto",
+    dtype: Any = None,
+    remat: bool = False,
+) -> Float[Array, "batch length vocab"] | tuple[Float[Array, "batch length vocab"],
+                                                 _model.MambaCache]:
+    """`model.forward` with the sequence split over `sequence_axis` of `mesh`.
+
+    Each device holds length / shards consecutive steps of every sequence (and of
+    the activations of every layer); the parameters are replicated over the
+    sequence axis. Logits, loss and gradients equal the unsplit forward's (up to
+    float rounding); the scan costs about twice its single-device compute, the conv
+    one `ppermute` of (batch, conv_kernel - 1, I) per layer.
+
+    Args:
+      params, config, input_ids / inputs_embeds, cache, mask, impl, dtype, remat:
+        as for `model.forward` (global shapes). A cache enters the first shard and
+        the returned one leaves the last; it is replicated over the sequence axis.
+      mesh: a mesh with `AxisType.Auto` axes (see `make_mesh`).
+      sequence_axis: mesh axis name(s) splitting the length, first major; the
+        length must be divisible by their size, each shard at least
+        conv_kernel - 1 steps long.
+      batch_axis: mesh axis name(s) splitting the batch (None: left to XLA's
+        partitioner, as are all other mesh axes, e.g. FSDP or tensor axes the
+        parameters are laid out over by `param_shardings`).
+
+    Returns logits (batch, length, vocab) float32 sharded P(batch_axis,
+    sequence_axis, None), and with a cache, (logits, the updated cache).
+    Call it under `jax.jit` or eagerly (it jits itself).
+    """
+    op = "sequence_parallel_forward"
+    axes = _rule_axes(op, mesh, sequence_axis=sequence_axis, batch_axis=batch_axis)
+    seq, batch = axes["sequence_axis"], axes["batch_axis"]
+    if not seq:
+        raise ValueError(f"{op}: sequence_axis must name one or more mesh axes, got None")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{op}: give exactly one of input_ids and inputs_embeds")
+    x = input_ids if inputs_embeds is None else inputs_embeds
+    if x.ndim < 2:
+        raise ValueError(f"{op}: {'input_ids' if inputs_embeds is None else 'inputs_embeds'} "
+                         f"must have shape (batch, length, ...), got {tuple(x.shape)}")
+    b, length = x.shape[:2]
+    shards, batch_shards = _size(mesh, seq), _size(mesh, batch)
+    if length % shards:
+        raise ValueError(f"{op}: length ({length}) must be divisible by the {shards} shards of "
+                         f"sequence_axis={sequence_axis!r}")
+    k = config.conv_kernel
+    if length // shards < k - 1:
+        raise ValueError(f"{op}: each of the {shards} shards of sequence_axis={sequence_axis!r} "
+                         f"must hold at least conv_kernel - 1 = {k - 1} steps, got length "
+                         f"{length} / {shards} = {length // shards}")
+    if b % batch_shards:
+        raise ValueError(f"{op}: batch ({b}) must be divisible by the {batch_shards} shards of "
+                         f"batch_axis={batch_axis!r}")
+    if inputs_embeds is None:
+        _model._check_ids(op, config, input_ids)  # on the host; inside, ids are traced
+    if cache is not None and not isinstance(cache, _model.MambaCache):
+        raise TypeError(f"{op}: cache must be a MambaCache (see init_cache), got "
+                        f"{type(cache).__name__}")
+    if mask is not None:
+        mask = _model.as_bool_mask(mask)
+    fn = _sequence_parallel_fn(
+        config, mesh, seq, batch, inputs_embeds is not None, mask is not None,
+        cache is not None, impl, None if dtype is None else jnp.dtype(dtype), bool(remat))
+    rest = [a for a in (mask, cache) if a is not None]
+    return fn(params, x, *rest)

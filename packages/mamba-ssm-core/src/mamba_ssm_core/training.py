@@ -6,7 +6,7 @@
   A_log, D, biases and norm weights (`weight_decay_mask`, by parameter name as in the
   transformers checkpoint keys), and gradient clipping by global norm;
 * the compute dtype float32 or bfloat16 over float32 parameters, each layer
-  rematerialised in the backward pass (`remat`);
+  rematerialised in the backward pass (`model.forward(..., remat=True)`);
 * batches of random windows of the training token stream, a pure function of
   (seed, step), so a resumed run draws the same batches as an uninterrupted one;
 * a progress line with the loss and tokens/s, held-out bits per byte every
@@ -14,10 +14,13 @@
 * checkpoints written with `save_pretrained` (transformers and every adapter load
   them), the byte tokenizer beside them, and the optimizer state and step, from which
   training resumes bit-identically;
-* with `TrainConfig.mesh = (data, fsdp, tensor)`, the step on a device mesh
-  (`sharding.make_mesh`, axes "data", "fsdp", "tensor"): parameters and optimizer
-  state laid out by `sharding.train_shardings`, each batch split over data x fsdp,
-  and `jax.jit` with those in/out shardings (XLA's partitioner does the rest).
+* with `TrainConfig.mesh = (data, fsdp, tensor)` or `(data, fsdp, tensor, seq)`, the
+  step on a device mesh (`sharding.make_mesh`, axes "data", "fsdp", "tensor", "seq"):
+  parameters and optimizer state laid out by `sharding.train_shardings`, each batch
+  split over data x fsdp, and `jax.jit` with those in/out shardings (XLA's
+  partitioner does the rest); a seq axis splits every window's length
+  (`sharding.sequence_parallel_forward`), so a window longer than one device's
+  memory trains.
   Batches are placed with `jax.make_array_from_process_local_data`, checkpoints
   gathered to the host and written by process 0, so the loop is written for
   several hosts after `jax.distributed.initialize()` (with output_dir on a shared
@@ -57,9 +60,15 @@ from safetensors.numpy import load_file, save_file
 from ._corpus import Corpus, build_corpus, load_corpus, save_corpus
 from .checkpoint import load_pretrained, save_pretrained
 from .config import MambaConfig
-from .model import lm_head, residual_block, rms_norm
+from .model import forward
 from .params import abstract_params, cast_params, check_params, flatten, init_params, unflatten
-from .sharding import TrainShardings, make_mesh, train_shardings
+from .sharding import (
+    AxisNames,
+    TrainShardings,
+    make_mesh,
+    sequence_parallel_forward,
+    train_shardings,
+)
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -113,12 +122,15 @@ class TrainConfig:
     seed: parameter initialisation and batch sampling. impl: selective-scan
       implementation ("auto" or a registered name).
     time_limit_s: stop early, with a checkpoint, once this many seconds have passed.
-    mesh: None (one device, the default) or (data, fsdp, tensor) sizes of a device
-      mesh whose product is the number of devices (`jax.device_count()`): the batch
-      splits over data x fsdp (so their product must divide batch_size), FSDP
-      splits each parameter and its optimizer moments, tensor splits the mixer's
-      inner channels (it must divide the model's intermediate_size). See
-      `sharding.train_shardings`. A run may resume with another mesh (or none);
+    mesh: None (one device, the default) or (data, fsdp, tensor) or (data, fsdp,
+      tensor, seq) sizes of a device mesh whose product is the number of devices
+      (`jax.device_count()`): the batch splits over data x fsdp (so their product
+      must divide batch_size), FSDP splits each parameter and its optimizer
+      moments, tensor splits the mixer's inner channels (it must divide the model's
+      intermediate_size), seq splits each window's length (it must divide seq_len,
+      each shard at least conv_kernel - 1 long; see
+      `sharding.sequence_parallel_forward`). See `sharding.train_shardings`. A run
+      may resume with another mesh (or none);
       the layout changes only the floating-point summation order, so such a
       continuation agrees with an uninterrupted run to rounding, not bit for bit.
     """
@@ -143,13 +155,13 @@ class TrainConfig:
     seed: int = 0
     impl: str = "auto"
     time_limit_s: float | None = None
-    mesh: tuple[int, int, int] | None = None
+    mesh: tuple[int, ...] | None = None
 
     # Fields that may differ between a run and its resumption without changing the math
     # (mesh: only the floating-point summation order).
     RESUMABLE_CHANGES = ("eval_every", "eval_tokens", "save_every", "log_every", "time_limit_s",
                          "mesh")
-    MESH_AXES = ("data", "fsdp", "tensor")
+    MESH_AXES = ("data", "fsdp", "tensor", "seq")  # the first three, or all four
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
@@ -178,13 +190,16 @@ class TrainConfig:
         need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s", "None or > 0")
         if self.mesh is not None:
             m = self.mesh
-            need(isinstance(m, (tuple, list)) and len(m) == 3
+            need(isinstance(m, (tuple, list)) and len(m) in (3, 4)
                  and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in m),
-                 "mesh", "None or three integers >= 1 (data, fsdp, tensor)")
+                 "mesh", "None or three or four integers >= 1 (data, fsdp, tensor[, seq])")
             object.__setattr__(self, "mesh", tuple(m))
             need(self.batch_size % (m[0] * m[1]) == 0, "batch_size",
                  f"divisible by the mesh's data x fsdp = {m[0]} x {m[1]} = {m[0] * m[1]} "
                  f"batch shards (mesh={tuple(m)})")
+            if len(m) == 4:
+                need(self.seq_len % m[3] == 0, "seq_len",
+                     f"divisible by the mesh's seq = {m[3]} sequence shards (mesh={tuple(m)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,31 +337,16 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def _logits(
     params: Params, model_config: MambaConfig, input_ids: Array, *, dtype: Any, remat: bool,
-    impl: str,
+    impl: str, mesh: Mesh | None, sequence_axis: AxisNames,
 ) -> Array:
-    """The model's logits, with each layer optionally rematerialised.
-
-    The same composition as `model.forward` (embedding, the layers' residual blocks
-    in a `lax.scan`, final norm, LM head), built from the model's public blocks so
-    that the scan body can be wrapped in `jax.checkpoint`.
-    """
-    cd = jnp.dtype(dtype)
-    rd = jnp.float32 if model_config.residual_in_fp32 else cd
-    hidden = jnp.take(params["backbone"]["embeddings"]["weight"], input_ids, axis=0).astype(cd)
-
-    def body(carry, layer):
-        hidden, residual = carry
-        hidden, residual, _ = residual_block(layer, model_config, hidden, residual, impl=impl)
-        return (hidden, residual), None
-
-    if remat:
-        body = jax.checkpoint(body)
-    (hidden, residual), _ = jax.lax.scan(
-        body, (hidden, jnp.zeros(hidden.shape, rd)), params["backbone"]["layers"])
-    residual = residual + hidden.astype(rd)
-    out = rms_norm(residual, params["backbone"]["norm_f"]["weight"],
-                   model_config.layer_norm_epsilon).astype(cd)
-    return lm_head(params, model_config, out)
+    """`model.forward`'s logits, or `sequence_parallel_forward`'s with a sequence axis."""
+    if sequence_axis is None:
+        return forward(params, model_config, input_ids, dtype=dtype, remat=remat, impl=impl)
+    if mesh is None:
+        raise ValueError(f"lm_loss: sequence_axis={sequence_axis!r} needs the mesh it names")
+    return sequence_parallel_forward(params, model_config, input_ids, mesh=mesh,
+                                     sequence_axis=sequence_axis, dtype=dtype, remat=remat,
+                                     impl=impl)
 
 
 def lm_loss(
@@ -358,20 +358,27 @@ def lm_loss(
     dtype: Any = jnp.float32,
     remat: bool = False,
     impl: str = "auto",
+    mesh: Mesh | None = None,
+    sequence_axis: AxisNames = None,
 ) -> Float[Array, ""]:
     """Mean next-token cross-entropy (nats) of windows `tokens` (batch, length + 1):
     inputs tokens[:, :-1], targets tokens[:, 1:]. weights (batch, length), if given,
-    weigh each target (a weighted mean; 0 leaves a target out). dtype: the compute dtype."""
-    logits = _logits(params, model_config, tokens[:, :-1], dtype=dtype, remat=remat, impl=impl)
+    weigh each target (a weighted mean; 0 leaves a target out). dtype: the compute dtype.
+    remat: recompute each layer in the backward pass. sequence_axis: an axis (or axes)
+    of `mesh` that splits the length (`sharding.sequence_parallel_forward`)."""
+    logits = _logits(params, model_config, tokens[:, :-1], dtype=dtype, remat=remat, impl=impl,
+                     mesh=mesh, sequence_axis=sequence_axis)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     if weights is None:
         return jnp.mean(nll)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "dtype", "impl"))
-def _eval_sum(params, tokens, weights, *, model_config, dtype, impl):
-    logits = _logits(params, model_config, tokens[:, :-1], dtype=dtype, remat=False, impl=impl)
+@functools.partial(jax.jit,
+                   static_argnames=("model_config", "dtype", "impl", "mesh", "sequence_axis"))
+def _eval_sum(params, tokens, weights, *, model_config, dtype, impl, mesh, sequence_axis):
+    logits = _logits(params, model_config, tokens[:, :-1], dtype=dtype, remat=False, impl=impl,
+                     mesh=mesh, sequence_axis=sequence_axis)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     return jnp.sum(nll * weights)
 
@@ -386,6 +393,7 @@ def evaluate_bits_per_byte(
     dtype: Any = jnp.float32,
     impl: str = "auto",
     batch_sharding: NamedSharding | None = None,
+    sequence_axis: AxisNames = None,
 ) -> float:
     """Bits per byte of the token stream `tokens` (n,): every token but the first is
     predicted once, from the tokens before it in its window.
@@ -396,6 +404,8 @@ def evaluate_bits_per_byte(
     summed negative log2-likelihood over the n - 1 predicted tokens, divided by n - 1.
     batch_sharding: where each batch of windows goes (e.g. `train_shardings(...).batch`,
     with params placed on the same mesh); its batch shards must divide batch_size.
+    sequence_axis: an axis (or axes) of batch_sharding's mesh that splits each window
+    (`sharding.sequence_parallel_forward`); its size must divide seq_len.
     """
     tokens = np.asarray(tokens).astype(np.int32)
     n = tokens.size
@@ -412,6 +422,10 @@ def evaluate_bits_per_byte(
     weights[: n - 1] = 1.0
     idx = np.arange(rows_padded)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     windows, w = stream[idx], weights.reshape(rows_padded, seq_len)
+    if sequence_axis is not None and batch_sharding is None:
+        raise ValueError(f"evaluate_bits_per_byte: sequence_axis={sequence_axis!r} needs a "
+                         "batch_sharding on the mesh that has it")
+    mesh = None if sequence_axis is None else batch_sharding.mesh
     if batch_sharding is None:
         place = jnp.asarray
     else:
@@ -426,7 +440,7 @@ def evaluate_bits_per_byte(
     for lo in range(0, rows_padded, batch_size):
         s = _eval_sum(params, place(windows[lo : lo + batch_size]),
                       place(w[lo : lo + batch_size]), model_config=model_config,
-                      dtype=jnp.dtype(dtype), impl=impl)
+                      dtype=jnp.dtype(dtype), impl=impl, mesh=mesh, sequence_axis=sequence_axis)
         total += float(s)
     return total / (n - 1) / math.log(2)
 
@@ -449,14 +463,16 @@ def _global_norm(tree: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def _step_fn(model_config: MambaConfig, config: TrainConfig) -> Callable:
+def _step_fn(model_config: MambaConfig, config: TrainConfig, mesh: Mesh | None = None,
+             sequence_axis: str | None = None) -> Callable:
     """One optimizer step: (params, opt_state, tokens) -> (params, opt_state, metrics)."""
     dtype = _DTYPES[config.compute_dtype]
     optimizer = make_optimizer(config)
 
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(lm_loss)(
-            params, model_config, tokens, dtype=dtype, remat=config.remat, impl=config.impl)
+            params, model_config, tokens, dtype=dtype, remat=config.remat, impl=config.impl,
+            mesh=mesh, sequence_axis=sequence_axis)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
@@ -475,14 +491,24 @@ def _make_step(model_config: MambaConfig, config: TrainConfig):
 # ---------------------------------------------------------------- on a mesh
 
 
+def _mesh_names(config: TrainConfig) -> tuple[str, ...]:
+    return TrainConfig.MESH_AXES[: len(config.mesh)]
+
+
+def _sequence_axis(mesh: Mesh) -> str | None:
+    """The mesh's "seq" axis if it splits anything."""
+    return "seq" if mesh.shape.get("seq", 1) > 1 else None
+
+
 def _mesh_for(model_config: MambaConfig, config: TrainConfig) -> Mesh:
-    """The (data, fsdp, tensor) mesh of config.mesh over every process's devices, after
-    checking that it fits the devices and the model."""
-    sizes = dict(zip(TrainConfig.MESH_AXES, config.mesh, strict=True))
+    """The (data, fsdp, tensor[, seq]) mesh of config.mesh over every process's devices,
+    after checking that it fits the devices and the model."""
+    names = _mesh_names(config)
+    sizes = dict(zip(names, config.mesh, strict=True))
     n = jax.device_count()
     if math.prod(config.mesh) != n:
         raise ValueError(
-            f"train: mesh={config.mesh} (data, fsdp, tensor) makes {math.prod(config.mesh)} "
+            f"train: mesh={config.mesh} ({', '.join(names)}) makes {math.prod(config.mesh)} "
             f"shards, but there are {n} {jax.default_backend()} devices; the sizes' product "
             "must equal the device count")
     inner = model_config.intermediate_size
@@ -490,6 +516,11 @@ def _mesh_for(model_config: MambaConfig, config: TrainConfig) -> Mesh:
         raise ValueError(
             f"train: mesh={config.mesh} has tensor size {sizes['tensor']}, which does not divide "
             f"the model's {inner} inner channels (intermediate_size = expand x hidden_size)")
+    seq, k = sizes.get("seq", 1), model_config.conv_kernel
+    if seq > 1 and config.seq_len // seq < k - 1:
+        raise ValueError(
+            f"train: mesh={config.mesh} splits seq_len {config.seq_len} into {seq} shards of "
+            f"{config.seq_len // seq} steps, fewer than the conv's conv_kernel - 1 = {k - 1}")
     return make_mesh(sizes)
 
 
@@ -535,9 +566,11 @@ def _make_sharded_step(model_config: MambaConfig, config: TrainConfig,
     optimizer = make_optimizer(config)
     shapes = abstract_params(model_config)
     # An axis of size 1 splits nothing; leaving it out lets FSDP take the largest axis.
-    axes = {f"{a}_axis": a if mesh.shape[a] > 1 else None for a in TrainConfig.MESH_AXES}
+    axes = {f"{a}_axis": a if mesh.shape[a] > 1 else None for a in ("data", "fsdp", "tensor")}
     sh = train_shardings(mesh, shapes, jax.eval_shape(optimizer.init, shapes), **axes)
-    step = _step_fn(model_config, config)
+    # The batch is placed whole along the length (seq_len + 1 tokens); the forward's
+    # shard_map splits the inputs' seq_len steps over the seq axis.
+    step = _step_fn(model_config, config, mesh, _sequence_axis(mesh))
     donate = () if jax.default_backend() == "cpu" else (0, 1)
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(sh.params, sh.opt_state, sh.batch),
@@ -747,7 +780,7 @@ def train(
       schedule goes on to config.steps; a later call resumes it.
     progress: draw the progress line on stderr. on_log: called with every log record.
 
-    With config.mesh the step runs on a (data, fsdp, tensor) device mesh (see
+    With config.mesh the step runs on a (data, fsdp, tensor[, seq]) device mesh (see
     `TrainConfig`) and the returned params and opt_state are sharded over it; several
     processes (after `jax.distributed.initialize()`) each run this same call, process 0
     prints and writes the checkpoint; that case has not been run in this repository.
@@ -802,7 +835,8 @@ def train(
         def place_batch(batch):
             return _place_batch(batch, sh.batch)
         eval_kw = {"batch_sharding": sh.batch,
-                   "batch_size": math.lcm(16, config.mesh[0] * config.mesh[1])}
+                   "batch_size": math.lcm(16, config.mesh[0] * config.mesh[1]),
+                   "sequence_axis": _sequence_axis(mesh)}
 
     bar = _Progress(config.steps, progress and lead)
 
@@ -824,7 +858,7 @@ def train(
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     where = (f"{jax.default_backend()}" if mesh is None else
              f"{jax.device_count()} {jax.default_backend()} devices, mesh "
-             + " x ".join(f"{a} {k}" for a, k in zip(TrainConfig.MESH_AXES, config.mesh,
+             + " x ".join(f"{a} {k}" for a, k in zip(_mesh_names(config), config.mesh,
                                                      strict=True)))
     bar.note(f"{'resuming at step ' + str(step) if resumed else 'training'}: {n_params:,} "
              f"parameters, {train_tokens.size:,} training tokens ({corpus.source}), "

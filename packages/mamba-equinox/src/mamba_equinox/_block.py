@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float, PRNGKeyArray
-from mamba_ssm_core import MambaConfig, MixerState, residual_block
+from mamba_ssm_core import MambaConfig, MixerState, init_layer_params, residual_block
 
 from . import _containers as c
-from ._mixer import MambaMixer, fresh_layer
+from ._mixer import MambaMixer, add_batch, drop_batch
 
 
 class ResidualBlock(eqx.Module):
@@ -38,14 +37,11 @@ class ResidualBlock(eqx.Module):
         compute_dtype: Any = None,
         impl: Any = "auto",
     ):
-        """key: a fresh, official initialisation; or params: the core's layer dict
-        {"norm", "mixer"} to hold as is (possibly stacked on a leading layer axis).
-        dtype, compute_dtype, impl: as for `MambaMixer`."""
-        if (key is None) == (params is None):
-            raise ValueError(
-                "ResidualBlock: give exactly one of key= (fresh) and params= (existing)")
-        if params is None:
-            params = fresh_layer(config, key, dtype)
+        """key: a fresh, official initialisation (`mamba_ssm_core.init_layer_params`); or
+        params: the core's layer dict {"norm", "mixer"} to hold as is (possibly stacked on
+        a leading layer axis). dtype, compute_dtype, impl: as for `MambaMixer`."""
+        params = c.key_or_params("ResidualBlock", key, params,
+                                 lambda k: init_layer_params(k, config, dtype=dtype))
         self.norm = c.rms_norm(params["norm"]["weight"], config.hidden_size,
                                config.layer_norm_epsilon)
         self.mixer = MambaMixer(config, params=params["mixer"], compute_dtype=compute_dtype,
@@ -75,10 +71,9 @@ class ResidualBlock(eqx.Module):
         del key
         if self.mixer.compute_dtype is not None:
             hidden = hidden.astype(self.mixer.compute_dtype)
-        batched = None if state is None else jax.tree.map(lambda a: a[None], state)
         out, residual, new_state = residual_block(
-            self.to_params(), self.config, hidden[None],
-            None if residual is None else residual[None], state=batched, impl=self.mixer.impl)
+            self.to_params(), self.config, hidden[None], add_batch(residual),
+            state=add_batch(state), impl=self.mixer.impl)
         if state is None:
             return out[0], residual[0]
-        return out[0], residual[0], jax.tree.map(lambda a: a[0], new_state)
+        return out[0], residual[0], drop_batch(new_state)

@@ -6,16 +6,30 @@ is (out, in), the depthwise conv weight (I, 1, K). Only the conv bias differs:
 Equinox stores it as (I, 1), the core as (I,). Containers are built abstractly
 (`eqx.filter_eval_shape`, no random numbers drawn) and their arrays then put in place,
 so stacked arrays (a leading layer axis) go in unchanged.
+
+Every module is built either fresh (key=) or around existing core parameters (params=);
+`key_or_params` makes that choice the same way for all of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 
 _KEY = jax.random.key(0)  # only for building abstract containers; no numbers are drawn
+
+
+def key_or_params(
+    op: str, key: Any, params: dict[str, Any] | None, fresh: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """`params`, or `fresh(key)` (the core's official initialisation); exactly one of key
+    and params must be given."""
+    if (key is None) == (params is None):
+        raise ValueError(f"{op}: give exactly one of key= (fresh) and params= (existing)")
+    return fresh(key) if params is None else params
 
 
 def _fill(abstract: eqx.Module, arrays: dict[str, Any]) -> Any:

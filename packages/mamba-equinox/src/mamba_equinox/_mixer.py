@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -10,18 +9,19 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float, PRNGKeyArray
-from mamba_ssm_core import MambaConfig, MixerState, init_params, layer_params, mixer
+from mamba_ssm_core import MambaConfig, MixerState, init_layer_params, mixer
 
 from . import _containers as c
 
 
-def fresh_layer(config: MambaConfig, key: PRNGKeyArray, dtype: Any) -> dict[str, Any]:
-    """One layer's parameters, {"norm", "mixer"}, with the official initialisation of a
-    layer in a `config.num_hidden_layers`-layer model (out_proj is rescaled by depth)."""
-    # The core initialises whole models; a one-token vocabulary keeps the embedding
-    # it draws negligible.
-    small = dataclasses.replace(config, vocab_size=1)
-    return layer_params(init_params(key, small, dtype=dtype), 0)
+def add_batch(tree: Any, axis: int = 0) -> Any:
+    """The core's batched layout of one example's state or cache: a unit axis at `axis`."""
+    return None if tree is None else jax.tree.map(lambda a: jnp.expand_dims(a, axis), tree)
+
+
+def drop_batch(tree: Any, axis: int = 0) -> Any:
+    """One example's state or cache from the core's batch of one."""
+    return jax.tree.map(lambda a: jnp.squeeze(a, axis), tree)
 
 
 class MambaMixer(eqx.Module):
@@ -61,10 +61,9 @@ class MambaMixer(eqx.Module):
         compute_dtype: the dtype the mixer computes in (inputs are cast to it); None keeps
         the input's dtype. impl: the selective-scan implementation (see
         `mamba_ssm_core.selective_scan`)."""
-        if (key is None) == (params is None):
-            raise ValueError("MambaMixer: give exactly one of key= (fresh) and params= (existing)")
-        if params is None:
-            params = fresh_layer(config, key, dtype)["mixer"]
+        params = c.key_or_params(
+            "MambaMixer", key, params,
+            lambda k: init_layer_params(k, config, dtype=dtype)["mixer"])
         H, I, N, K, R = (config.hidden_size, config.intermediate_size, config.state_size,  # noqa: E741
                          config.conv_kernel, config.time_step_rank)
         self.in_proj = c.linear(params["in_proj"], H, 2 * I)
@@ -111,9 +110,8 @@ class MambaMixer(eqx.Module):
         del key
         if self.compute_dtype is not None:
             x = x.astype(self.compute_dtype)
-        batched = None if state is None else jax.tree.map(lambda a: a[None], state)
-        y, new_state = mixer(self.to_params(), self.config, x[None], state=batched,
+        y, new_state = mixer(self.to_params(), self.config, x[None], state=add_batch(state),
                              impl=self.impl)
         if state is None:
             return y[0]
-        return y[0], jax.tree.map(lambda a: a[0], new_state)
+        return y[0], drop_batch(new_state)

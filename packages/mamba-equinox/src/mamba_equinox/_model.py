@@ -34,19 +34,18 @@ from mamba_ssm_core import (
 
 from . import _containers as c
 from ._block import ResidualBlock
+from ._mixer import add_batch, drop_batch
 
 # The unbatched cache puts the batch axis of the core's (layers, batch, ...) back at 1.
 _CACHE_BATCH_AXIS = 1
 
 
 def _batch_cache(cache: MambaCache | None) -> MambaCache | None:
-    if cache is None:
-        return None
-    return jax.tree.map(lambda a: jnp.expand_dims(a, _CACHE_BATCH_AXIS), cache)
+    return add_batch(cache, _CACHE_BATCH_AXIS)
 
 
 def _unbatch_cache(cache: MambaCache) -> MambaCache:
-    return jax.tree.map(lambda a: jnp.squeeze(a, _CACHE_BATCH_AXIS), cache)
+    return drop_batch(cache, _CACHE_BATCH_AXIS)
 
 
 class MambaModel(eqx.Module):
@@ -78,10 +77,8 @@ class MambaModel(eqx.Module):
         parameters in `dtype`, A_log, D and dt_proj.bias float32); or params: the core's
         {"backbone": ...} to hold as is. compute_dtype: what the model computes in, None
         for the embedding's dtype. impl: the selective-scan implementation."""
-        if (key is None) == (params is None):
-            raise ValueError("MambaModel: give exactly one of key= (fresh) and params= (existing)")
-        if params is None:
-            params = init_params(key, config, dtype=dtype)
+        params = c.key_or_params("MambaModel", key, params,
+                                 lambda k: init_params(k, config, dtype=dtype))
         p = params["backbone"]
         H = config.hidden_size
         self.embeddings = c.embedding(p["embeddings"]["weight"], config.vocab_size, H)
@@ -123,8 +120,9 @@ class MambaModel(eqx.Module):
         for real tokens (left padding). Returns the normalised hidden states (length, H)
         in the compute dtype, and with a cache (hidden, new cache). key is unused."""
         del key
-        # The core's backbone checks a whole LM's parameters, so an untied config asks for
-        # an lm_head that the backbone never reads; tying changes nothing else in it.
+        # Until the core's backbone checks its parameters with check_params(head=False),
+        # an untied config asks for an lm_head that the backbone never reads; tying
+        # changes nothing else in it.
         config = dataclasses.replace(self.config, tie_word_embeddings=True)
         out = backbone(self.to_params(), config, input_ids[None],
                        cache=_batch_cache(cache), mask=None if mask is None else mask[None],
@@ -155,10 +153,8 @@ class MambaLM(eqx.Module):
     ):
         """key: a fresh, official initialisation; or params: the core's full parameter
         pytree to hold as is. dtype, compute_dtype, impl: as for `MambaModel`."""
-        if (key is None) == (params is None):
-            raise ValueError("MambaLM: give exactly one of key= (fresh) and params= (existing)")
-        if params is None:
-            params = init_params(key, config, dtype=dtype)
+        params = c.key_or_params("MambaLM", key, params,
+                                 lambda k: init_params(k, config, dtype=dtype))
         self.backbone = MambaModel(config, params={"backbone": params["backbone"]},
                                    compute_dtype=compute_dtype, impl=impl)
         self.lm_head = (None if config.tie_word_embeddings else

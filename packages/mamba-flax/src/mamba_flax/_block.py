@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 from jaxtyping import Float
-from mamba_ssm_core import MambaConfig, ScanImplementation, residual_block
+from mamba_ssm_core import ScanImplementation, residual_block
 
-from . import _config, _convert
-from ._mixer import MambaMixer, MaskLike, flat_batch, read_state, write_state
+from . import _config
+from ._mixer import MambaMixer, MaskLike, layer_inputs, write_state
 
 
-class ResidualBlock(nnx.Module):
+class ResidualBlock(_config.LayerModule):
     """One Mamba block in the original's fused add-norm form:
     residual = residual + hidden; hidden = mixer(RMSNorm(residual)).
 
@@ -23,6 +22,8 @@ class ResidualBlock(nnx.Module):
     any leading batch axes. In `MambaModel` the blocks are one ResidualBlock whose
     variables carry a leading layer axis (made with `nnx.vmap`), which `nnx.scan` can run.
     """
+
+    _options = _config.BLOCK_OPTIONS
 
     def __init__(
         self,
@@ -51,64 +52,20 @@ class ResidualBlock(nnx.Module):
         """Sizes and options as for `MambaMixer`, plus layer_norm_epsilon (the RMSNorm's)
         and residual_in_fp32 (carry the residual stream in float32). The norm starts at
         ones, the official initialisation."""
-        mixer_options = dict(
-            state_size=state_size, expand=expand, conv_kernel=conv_kernel,
-            time_step_rank=time_step_rank, use_bias=use_bias, use_conv_bias=use_conv_bias,
-            time_step_min=time_step_min, time_step_max=time_step_max,
-            time_step_floor=time_step_floor, time_step_scale=time_step_scale,
-            time_step_init_scheme=time_step_init_scheme, num_layers=num_layers)
         self.config = _config.layer_config(
-            hidden_size, layer_norm_epsilon=layer_norm_epsilon,
-            residual_in_fp32=residual_in_fp32, **mixer_options)
+            hidden_size, num_layers=num_layers, state_size=state_size, expand=expand,
+            conv_kernel=conv_kernel, time_step_rank=time_step_rank, use_bias=use_bias,
+            use_conv_bias=use_conv_bias, layer_norm_epsilon=layer_norm_epsilon,
+            residual_in_fp32=residual_in_fp32, time_step_min=time_step_min,
+            time_step_max=time_step_max, time_step_floor=time_step_floor,
+            time_step_scale=time_step_scale, time_step_init_scheme=time_step_init_scheme)
         self.norm = nnx.RMSNorm(hidden_size, epsilon=layer_norm_epsilon, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
-        self.mixer = MambaMixer(hidden_size, **mixer_options, dtype=dtype,
-                                param_dtype=param_dtype, impl=impl, decode=decode, rngs=rngs)
+        self.mixer = MambaMixer.from_config(self.config, dtype=dtype, param_dtype=param_dtype,
+                                            impl=impl, decode=decode, rngs=rngs)
         self.dtype = None if dtype is None else jnp.dtype(dtype)
         self.impl = impl
         self.decode = decode
-
-    @classmethod
-    def from_config(
-        cls,
-        config: MambaConfig,
-        *,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        impl: str | ScanImplementation = "auto",
-        decode: bool = False,
-        rngs: nnx.Rngs,
-    ) -> ResidualBlock:
-        """A fresh block with the sizes of `config`'s layers (initialised for its depth)."""
-        return cls(config.hidden_size, **_config.layer_options(config, _config.BLOCK_DEFAULTS),
-                   dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode, rngs=rngs)
-
-    @classmethod
-    def from_params(
-        cls,
-        config: MambaConfig,
-        params: Mapping[str, Any],
-        *,
-        dtype: Any = None,
-        impl: str | ScanImplementation = "auto",
-        decode: bool = False,
-    ) -> ResidualBlock:
-        """A block holding the core's layer dict {"norm", "mixer"}, built abstractly
-        (`nnx.eval_shape`), filled by path and merged (see `MambaMixer.from_params`)."""
-        param_dtype = _convert.storage_dtype(params)
-        abstract = nnx.eval_shape(lambda: cls.from_config(
-            config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
-            rngs=nnx.Rngs(0)))
-        return _convert.fill(abstract, params, "", cls.__name__)
-
-    def to_params(self) -> dict[str, Any]:
-        """The parameters in the core's layout (one layer's {"norm", "mixer"})."""
-        return _convert.to_params(self)
-
-    def set_view(self, decode: bool | None = None) -> None:
-        """For `nnx.view`: decode, whether calls continue from the cache by default."""
-        if decode is not None:
-            self.decode = decode
 
     def init_cache(self, batch_shape: int | tuple[int, ...] = (), dtype: Any = None) -> None:
         """Make the mixer's zero nnx.Cache decoding state (see `MambaMixer.init_cache`)."""
@@ -128,13 +85,9 @@ class ResidualBlock(nnx.Module):
 
         Returns (mixer output in the compute dtype, the updated residual). After the last
         block, the model's output is RMSNorm_f(residual + hidden)."""
-        decode = self.decode if decode is None else decode
-        if self.dtype is not None:
-            hidden = hidden.astype(self.dtype)
-        flat, lead = flat_batch(hidden, 2, "hidden", "ResidualBlock")
+        flat, m, state = layer_inputs(self, self.mixer, hidden, mask, decode, "hidden",
+                                      "ResidualBlock")
         res = None if residual is None else residual.reshape(flat.shape)
-        m = None if mask is None else jnp.asarray(mask).reshape(flat.shape[:2])
-        state = read_state(self.mixer, lead, None, "ResidualBlock") if decode else None
         out, res, new = residual_block(self.to_params(), self.config, flat, res, state=state,
                                        mask=m, impl=self.impl)
         if new is not None:

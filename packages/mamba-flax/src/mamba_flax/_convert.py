@@ -13,18 +13,26 @@ The modules keep their weights in Flax's own layers, named as the core names the
 Axes are counted from the end, so a leading layer axis (stacked layers) passes through.
 A module's core paths carry its `core_prefix` ("backbone." for `MambaModel`, whose
 core parameters are {"backbone": ...}). Everything here moves or renames arrays; the
-arithmetic is the core's.
+arithmetic is the core's. `CoreModule`, the base of every module of this package, gives
+them `from_config`, `from_params`, `to_params` and `set_view` on top of this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import jax.numpy as jnp
 from flax import nnx
-from mamba_ssm_core import ParamsError
-from mamba_ssm_core.params import flatten, is_ssm_param, unflatten
+from mamba_ssm_core import (
+    MambaConfig,
+    ParamsError,
+    ScanImplementation,
+    check_shapes,
+    flatten,
+    is_ssm_param,
+    unflatten,
+)
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -94,37 +102,78 @@ def fill(abstract: nnx.Module, params: Mapping[str, Any], prefix: str, where: st
     core path in `params`, in NNX layout; split, filled by path, merged.
 
     Raises ParamsError listing every missing path, unexpected path, shape mismatch and
-    non-float leaf, named by core path.
+    non-float leaf, named by core path (`mamba_ssm_core.check_shapes`).
     """
-    if not isinstance(params, Mapping):
-        raise ParamsError(f"{where}: expected the core's nested dict of arrays, got "
-                          f"{type(params).__name__}")
     graphdef, state = nnx.split(abstract)
-    given_flat = dict(flatten(params))
-    problems: list[str] = []
-    filled = []
-    for path, var in nnx.to_flat_state(state):
+    flat_state = list(nnx.to_flat_state(state))
+    for path, var in flat_state:
         if not isinstance(var, nnx.Param):
             raise ParamsError(f"{where}: {'/'.join(map(str, path))} is a "
                               f"{type(var).__name__}, not a parameter; build the module "
                               "without decoding state")
-        name = core_path(path, prefix)
-        want = core_shape(path, var.shape)
-        if name not in given_flat:
-            problems.append(f"missing {name}: expected shape {want}")
-            continue
-        value = given_flat.pop(name)
-        shape = tuple(jnp.shape(value))
-        if shape != want:
-            problems.append(f"shape mismatch {name}: expected {want}, got {shape}")
-        elif not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-            problems.append(f"dtype {name}: expected a floating dtype, got "
-                            f"{jnp.result_type(value)}")
-        else:
-            filled.append((path, var.replace(swap_layout(path, jnp.asarray(value)))))
-    for name, value in sorted(given_flat.items()):
-        problems.append(f"unexpected {name}: shape {tuple(jnp.shape(value))}")
-    if problems:
-        raise ParamsError(f"{where}: the parameters do not fit the module "
-                          f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    check_shapes(params, {core_path(path, prefix): core_shape(path, var.shape)
+                          for path, var in flat_state}, where=f"{where}: the parameters")
+    given_flat = flatten(params)
+    filled = [(path, var.replace(swap_layout(path, jnp.asarray(
+        given_flat[core_path(path, prefix)])))) for path, var in flat_state]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+_M = TypeVar("_M", bound="CoreModule")
+
+
+class CoreModule(nnx.Module):
+    """Base of this package's modules: built fresh from a `MambaConfig` or around the
+    core's parameters, and read back in the core's layout.
+
+    Subclasses hold `decode` and set `_core_prefix`, the prefix of their core paths.
+    """
+
+    _core_prefix: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(
+        cls: type[_M],
+        config: MambaConfig,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        impl: str | ScanImplementation = "auto",
+        decode: bool = False,
+        rngs: nnx.Rngs,
+    ) -> _M:
+        """A fresh module with the sizes of `config` (for a layer: of its layers,
+        initialised for its depth); the other arguments as for the constructor."""
+        return cls(config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
+                   rngs=rngs)
+
+    @classmethod
+    def from_params(
+        cls: type[_M],
+        config: MambaConfig,
+        params: Mapping[str, Any],
+        *,
+        dtype: Any = None,
+        impl: str | ScanImplementation = "auto",
+        decode: bool = False,
+    ) -> _M:
+        """A module holding the core's parameters `params` (the pytree `to_params` gives:
+        a mixer's dict, a layer's {"norm", "mixer"}, {"backbone": ...}, or the whole LM's),
+        stored in their dtype. Built abstractly (`nnx.eval_shape`, no random numbers
+        drawn), filled by path and merged. Raises ParamsError naming every missing or
+        unexpected path, every shape mismatch and every non-float leaf."""
+        param_dtype = storage_dtype(params)
+        abstract = nnx.eval_shape(lambda: cls.from_config(
+            config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
+            rngs=nnx.Rngs(0)))
+        return fill(abstract, params, cls._core_prefix, cls.__name__)
+
+    def to_params(self) -> dict[str, Any]:
+        """The parameters in the core's layout (`mamba_ssm_core.params`): what
+        `from_params` takes."""
+        return to_params(self, self._core_prefix)
+
+    def set_view(self, decode: bool | None = None) -> None:
+        """For `nnx.view`: decode, whether calls continue from the cache by default."""
+        if decode is not None:
+            self.decode = decode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -11,7 +10,14 @@ import numpy as np
 from flax import nnx
 from jax import Array
 from jaxtyping import Bool, Float, Int
-from mamba_ssm_core import MambaConfig, MixerState, ScanImplementation, init_cache, mixer
+from mamba_ssm_core import (
+    MambaConfig,
+    MixerState,
+    ScanImplementation,
+    init_cache,
+    init_layer_params,
+    mixer,
+)
 
 from . import _config, _convert
 
@@ -58,13 +64,27 @@ def read_state(module: Any, lead: tuple[int, ...], layers: int | None, op: str) 
                       ssm.reshape(*pre, -1, *ssm.shape[-2:]))
 
 
+def layer_inputs(
+    module: Any, holder: Any, x: Any, mask: Any, decode: bool | None, what: str, op: str
+) -> tuple[Array, Array | None, MixerState | None]:
+    """The inputs of the core's mixer or residual_block for `module` (a mixer or block):
+    x in the compute dtype with its leading axes flattened, the mask to match, and the
+    nnx.Cache state of `holder` (the mixer) when decoding (default: module.decode)."""
+    decode = module.decode if decode is None else decode
+    if module.dtype is not None:
+        x = x.astype(module.dtype)
+    flat, lead = flat_batch(x, 2, what, op)
+    m = None if mask is None else jnp.asarray(mask).reshape(flat.shape[:2])
+    return flat, m, read_state(holder, lead, None, op) if decode else None
+
+
 def write_state(module: Any, conv: Array, ssm: Array) -> None:
     """Store a new state (flattened batch) in the module's nnx.Cache variables."""
     module.conv_state[...] = conv.reshape(module.conv_state.shape)
     module.ssm_state[...] = ssm.reshape(module.ssm_state.shape)
 
 
-class MambaMixer(nnx.Module):
+class MambaMixer(_config.LayerModule):
     """One Mamba mixer: in_proj, causal depthwise conv + SiLU, the selective scan gated by
     SiLU(z), out_proj. Channels-last, any leading batch axes: (*batch, length, H).
 
@@ -74,6 +94,8 @@ class MambaMixer(nnx.Module):
     `mamba_ssm_core.mixer`. Decoding state: conv_state (*batch, K-1, I) and ssm_state
     (*batch, I, N) float32, `nnx.Cache` variables made by `init_cache`.
     """
+
+    _options = _config.MIXER_OPTIONS
 
     def __init__(
         self,
@@ -106,14 +128,14 @@ class MambaMixer(nnx.Module):
         fresh initialisation; A_log, D and dt_proj.bias are float32 whatever it is.
         impl: the selective-scan implementation (`mamba_ssm_core.selective_scan`).
         decode: whether calls continue from the nnx.Cache state by default.
-        rngs: draws the official initialisation (`mamba_ssm_core.init_params`)."""
+        rngs: draws the official initialisation (`mamba_ssm_core.init_layer_params`)."""
         config = _config.layer_config(
             hidden_size, num_layers=num_layers, state_size=state_size, expand=expand,
             conv_kernel=conv_kernel, time_step_rank=time_step_rank, use_bias=use_bias,
             use_conv_bias=use_conv_bias, time_step_min=time_step_min,
             time_step_max=time_step_max, time_step_floor=time_step_floor,
             time_step_scale=time_step_scale, time_step_init_scheme=time_step_init_scheme)
-        p = _config.fresh_layer(config, rngs.params(), param_dtype)["mixer"]
+        p = init_layer_params(rngs.params(), config, dtype=param_dtype)["mixer"]
         H, I, N, K, R = (config.hidden_size, config.intermediate_size, config.state_size,  # noqa: E741
                          config.conv_kernel, config.time_step_rank)
         g = _convert.given
@@ -144,49 +166,6 @@ class MambaMixer(nnx.Module):
         self.impl = impl
         self.decode = decode
 
-    @classmethod
-    def from_config(
-        cls,
-        config: MambaConfig,
-        *,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        impl: str | ScanImplementation = "auto",
-        decode: bool = False,
-        rngs: nnx.Rngs,
-    ) -> MambaMixer:
-        """A fresh mixer with the sizes of `config`'s layers (initialised for its depth)."""
-        return cls(config.hidden_size, **_config.layer_options(config, _config.MIXER_DEFAULTS),
-                   dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode, rngs=rngs)
-
-    @classmethod
-    def from_params(
-        cls,
-        config: MambaConfig,
-        params: Mapping[str, Any],
-        *,
-        dtype: Any = None,
-        impl: str | ScanImplementation = "auto",
-        decode: bool = False,
-    ) -> MambaMixer:
-        """A mixer holding the core's mixer dict `params` (one layer's "mixer"), built
-        abstractly (`nnx.eval_shape`), filled by path and merged. Raises ParamsError naming
-        every missing or unexpected path and every shape mismatch."""
-        param_dtype = _convert.storage_dtype(params)
-        abstract = nnx.eval_shape(lambda: cls.from_config(
-            config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
-            rngs=nnx.Rngs(0)))
-        return _convert.fill(abstract, params, "", cls.__name__)
-
-    def to_params(self) -> dict[str, Any]:
-        """The parameters in the core's layout (one layer's "mixer", `mamba_ssm_core.params`)."""
-        return _convert.to_params(self)
-
-    def set_view(self, decode: bool | None = None) -> None:
-        """For `nnx.view`: decode, whether calls continue from the cache by default."""
-        if decode is not None:
-            self.decode = decode
-
     def init_cache(self, batch_shape: int | tuple[int, ...] = (), dtype: Any = None) -> None:
         """Make zero nnx.Cache decoding state for inputs with leading axes `batch_shape`:
         conv_state (*batch, K-1, I) in `dtype` (default: the compute dtype, else the
@@ -208,12 +187,7 @@ class MambaMixer(nnx.Module):
         update it (any length; one token takes the O(1) recurrent update).
 
         Returns y (*batch, length, H) in the compute dtype."""
-        decode = self.decode if decode is None else decode
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        flat, lead = flat_batch(x, 2, "x", "MambaMixer")
-        m = None if mask is None else jnp.asarray(mask).reshape(flat.shape[:2])
-        state = read_state(self, lead, None, "MambaMixer") if decode else None
+        flat, m, state = layer_inputs(self, self, x, mask, decode, "x", "MambaMixer")
         y, new = mixer(self.to_params(), self.config, flat, state=state, mask=m, impl=self.impl)
         if new is not None:
             write_state(self, new.conv, new.ssm)

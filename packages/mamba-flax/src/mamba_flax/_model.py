@@ -68,15 +68,7 @@ def _stacked_blocks(config: MambaConfig, layers: Mapping[str, Any], *, dtype: An
     return _convert.fill(abstract, layers, "", "MambaModel.layers")
 
 
-def _from_params(cls: Any, config: MambaConfig, params: Mapping[str, Any], *, dtype: Any,
-                 impl: Any, decode: bool) -> Any:
-    param_dtype = _convert.storage_dtype(params)
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
-                                          impl=impl, decode=decode, rngs=nnx.Rngs(0)))
-    return _convert.fill(abstract, params, cls._core_prefix, cls.__name__)
-
-
-class MambaModel(nnx.Module):
+class MambaModel(_convert.CoreModule):
     """The Mamba backbone: embeddings (`nnx.Embed`, (V, H)), the residual blocks
     (`layers`, one `ResidualBlock` stacked on a leading layer axis), norm_f
     (`nnx.RMSNorm`). Token ids (*batch, length) -> hidden states (*batch, length, H).
@@ -114,35 +106,10 @@ class MambaModel(nnx.Module):
         self.impl = impl
         self.decode = decode
 
-    @classmethod
-    def from_config(cls, config: MambaConfig, *, dtype: Any = None,
-                    param_dtype: Any = jnp.float32, impl: str | ScanImplementation = "auto",
-                    decode: bool = False, rngs: nnx.Rngs) -> MambaModel:
-        """The same as the constructor (every module of this package has from_config)."""
-        return cls(config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
-                   rngs=rngs)
-
-    @classmethod
-    def from_params(cls, config: MambaConfig, params: Mapping[str, Any], *, dtype: Any = None,
-                    impl: str | ScanImplementation = "auto", decode: bool = False) -> MambaModel:
-        """A backbone holding the core's {"backbone": ...}, built abstractly
-        (`nnx.eval_shape`), filled by path and merged. Raises ParamsError naming every
-        missing or unexpected path and every shape mismatch."""
-        return _from_params(cls, config, params, dtype=dtype, impl=impl, decode=decode)
-
-    def to_params(self) -> dict[str, Any]:
-        """The parameters in the core's layout, {"backbone": ...} (layers stacked)."""
-        return _convert.to_params(self, self._core_prefix)
-
     def layer(self, i: int) -> ResidualBlock:
         """Block i, unstacked (a new module holding slices of the parameters)."""
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
-    def set_view(self, decode: bool | None = None) -> None:
-        """For `nnx.view`: decode, whether calls continue from the cache by default."""
-        if decode is not None:
-            self.decode = decode
 
     def compute_dtype(self) -> Any:
         """The dtype the model computes in: dtype, else the embedding's."""
@@ -181,8 +148,9 @@ class MambaModel(nnx.Module):
         (prefill, chunked prefill, one-token steps).
 
         Returns the normalised hidden states (*batch, length, H) in the compute dtype."""
-        # The core's backbone checks a whole LM's parameters, so an untied config asks for
-        # an lm_head that the backbone never reads; tying changes nothing else in it.
+        # Until the core's backbone checks its parameters with check_params(head=False),
+        # an untied config asks for an lm_head that the backbone never reads; tying
+        # changes nothing else in it.
         config = dataclasses.replace(self.config, tie_word_embeddings=True)
         hidden, _ = _run(self, backbone, config, self.to_params(), input_ids, inputs_embeds,
                          mask, decode)
@@ -215,13 +183,11 @@ def _run(model: MambaModel, fn: Callable, config: MambaConfig, params: Any, inpu
     return out.reshape(*lead, *out.shape[1:]), lead
 
 
-class MambaLM(nnx.Module):
+class MambaLM(_convert.CoreModule):
     """The Mamba causal language model: `backbone` (`MambaModel`) and `lm_head`
     (`nnx.Linear` (H, V) without bias; None when config.tie_word_embeddings, the embedding
     matrix is the head). Token ids (*batch, length) -> float32 logits (*batch, length, V).
     """
-
-    _core_prefix = ""
 
     def __init__(
         self,
@@ -236,8 +202,8 @@ class MambaLM(nnx.Module):
         """Arguments as for `MambaModel`. A fresh model holds exactly
         `mamba_ssm_core.init_params(rngs.params(), config, dtype=param_dtype)`."""
         params = init_params(rngs.params(), config, dtype=param_dtype)
-        self.backbone = _from_params(MambaModel, config, {"backbone": params["backbone"]},
-                                     dtype=dtype, impl=impl, decode=decode)
+        self.backbone = MambaModel.from_params(config, {"backbone": params["backbone"]},
+                                               dtype=dtype, impl=impl, decode=decode)
         if config.tie_word_embeddings:
             self.lm_head: nnx.Linear | None = nnx.data(None)
         else:
@@ -246,22 +212,6 @@ class MambaLM(nnx.Module):
                 param_dtype=param_dtype, kernel_init=_convert.given(params["lm_head"]["weight"].T),
                 rngs=rngs)
         self.config = config
-
-    @classmethod
-    def from_config(cls, config: MambaConfig, *, dtype: Any = None,
-                    param_dtype: Any = jnp.float32, impl: str | ScanImplementation = "auto",
-                    decode: bool = False, rngs: nnx.Rngs) -> MambaLM:
-        """The same as the constructor (every module of this package has from_config)."""
-        return cls(config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
-                   rngs=rngs)
-
-    @classmethod
-    def from_params(cls, config: MambaConfig, params: Mapping[str, Any], *, dtype: Any = None,
-                    impl: str | ScanImplementation = "auto", decode: bool = False) -> MambaLM:
-        """A causal LM holding the core's full parameter pytree, built abstractly
-        (`nnx.eval_shape`), filled by path and merged. Raises ParamsError naming every
-        missing or unexpected path and every shape mismatch."""
-        return _from_params(cls, config, params, dtype=dtype, impl=impl, decode=decode)
 
     @classmethod
     def from_pretrained(
@@ -286,10 +236,6 @@ class MambaLM(nnx.Module):
         """Write config.json and model.safetensors in the transformers format
         (`mamba_ssm_core.save_pretrained`)."""
         save_pretrained(self.config, self.to_params(), path)
-
-    def to_params(self) -> dict[str, Any]:
-        """The parameters in the core's layout (`mamba_ssm_core.params`)."""
-        return _convert.to_params(self, self._core_prefix)
 
     def set_view(self, decode: bool | None = None) -> None:
         """For `nnx.view`: decode, whether calls continue from the cache by default."""

@@ -86,3 +86,32 @@ def test_load_params_lists_every_mismatch():
 def test_to_params_before_build_is_an_error():
     with pytest.raises(ValueError, match="not built yet"):
         MambaBackbone(**KWARGS).to_params()
+
+
+def test_numpy_bool_padding_masks_are_accepted_like_jax_masks():
+    bb = MambaBackbone(**KWARGS)
+    bb.build((None, None))
+    ids = _ids()
+    mask = np.array([[False, True, True, True, True, True], [True] * 6])
+    want = core.backbone(bb.to_params(), bb.mamba_config, ids, mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(bb(ids, padding_mask=mask)), np.asarray(want))
+    out, _ = bb.call_with_cache(ids, bb.init_cache(2), padding_mask=mask)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    block = bb.residual_blocks[0]
+    hidden = jax.random.normal(jax.random.key(1), (2, 6, 8), jnp.float32)
+    got = block.call_with_state(hidden, None, block.init_state(2), mask=mask)
+    want = core.residual_block(block.to_params(), block.mamba_config, hidden, None,
+                               state=block.init_state(2), mask=jnp.asarray(mask))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_the_weights_mixin_is_abstract():
+    from mamba_keras._weights import CoreWeights
+
+    assert CoreWeights.__abstractmethods__ == {"_expected_shapes", "_build_input_shape"}
+
+    class NoShapes(CoreWeights):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoShapes()

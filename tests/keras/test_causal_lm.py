@@ -130,3 +130,17 @@ def test_trains_with_fit_and_sparse_crossentropy():
 def test_backbone_must_be_a_mamba_backbone():
     with pytest.raises(TypeError, match="MambaBackbone"):
         MambaCausalLM(keras.layers.Dense(3))
+
+
+def test_numpy_bool_padding_masks_are_accepted_like_jax_masks():
+    lm = MambaCausalLM.from_mamba_config(CONFIG, seed=3)
+    lm.build((None, None))
+    ids = _ids()
+    mask = np.array([[False, False, True, True, True, True], [True] * 6])
+    want = core.forward(lm.to_params(), CONFIG, ids, mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(lm(ids, padding_mask=mask)), np.asarray(want))
+    logits, _ = lm.call_with_cache(ids, lm.init_cache(2), padding_mask=mask)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
+    out = lm.generate(ids, max_new_tokens=2, temperature=0.0, padding_mask=mask)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(lm.generate(
+        ids, max_new_tokens=2, temperature=0.0, padding_mask=jnp.asarray(mask)).tokens))

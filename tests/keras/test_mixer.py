@@ -78,3 +78,26 @@ def test_seed_makes_the_initialisation_reproducible():
     w = [np.asarray(m.to_params()["in_proj"]["weight"]) for m in (a, b, c)]
     np.testing.assert_array_equal(w[0], w[1])
     assert not np.array_equal(w[0], w[2])
+
+
+def test_numpy_bool_masks_are_accepted_like_jax_masks():
+    mixer = MambaMixer(**KWARGS)
+    mixer.build((None, None, 8))
+    x = _x()
+    mask = np.array([[False, False, True, True, True, True], [True] * 6])
+    want, want_state = core.mixer(mixer.to_params(), mixer.mamba_config, x,
+                                  state=mixer.init_state(2), mask=jnp.asarray(mask))
+    y, state = mixer.call_with_state(x, mixer.init_state(2), mask=mask)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(state.ssm), np.asarray(want_state.ssm))
+    np.testing.assert_array_equal(np.asarray(mixer(x, mask=mask)),
+                                  np.asarray(mixer(x, mask=jnp.asarray(mask))))
+
+
+def test_fresh_weights_are_the_cores_one_layer_initialisation():
+    mixer = MambaMixer(**KWARGS)
+    mixer.build((None, None, 8))
+    want = core.init_layer_params(jax.random.key(KWARGS["seed"]), mixer.mamba_config)["mixer"]
+    jax.tree.map(np.testing.assert_array_equal, mixer.to_params(), want)
+    assert mixer.mamba_config == core.MambaConfig.for_mixer(
+        8, state_size=4, time_step_rank=2, use_bias=True)

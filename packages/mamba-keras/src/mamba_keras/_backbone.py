@@ -7,21 +7,21 @@ from typing import Any
 
 import jax
 import keras
-import numpy as np
 from jax import Array
-from jaxtyping import Bool, Float, Int
-from mamba_ssm_core import MambaCache, MambaConfig, backbone, init_cache, init_params
-from mamba_ssm_core.params import param_shapes
+from jaxtyping import Float
+from mamba_ssm_core import (
+    MambaCache,
+    MambaConfig,
+    backbone,
+    init_cache,
+    init_params,
+    param_shapes,
+)
 
 from . import _config
-from ._block import _BLOCK_ARGS, MambaResidualBlock
-from ._weights import CoreWeights, Source, stack_arrays
-
-_BACKBONE_ARGS = ("vocab_size", *_BLOCK_ARGS)
-
-_IdsLike = Int[Array, "batch length"] | Int[np.ndarray, "batch length"]
-_MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
-             | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"] | None)
+from ._block import MambaResidualBlock
+from ._config import IdsLike, MaskLike
+from ._weights import CoreWeights, fresh, stack_arrays
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -70,30 +70,22 @@ class MambaBackbone(CoreWeights, keras.Model):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.state_size = state_size
-        self.expand = expand
-        self.conv_kernel = conv_kernel
-        self.time_step_rank = _config.time_step_rank(hidden_size, time_step_rank)
-        self.use_bias = use_bias
-        self.use_conv_bias = use_conv_bias
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.residual_in_fp32 = residual_in_fp32
-        self.time_step_min = time_step_min
-        self.time_step_max = time_step_max
-        self.time_step_floor = time_step_floor
-        self.time_step_scale = time_step_scale
-        self.time_step_init_scheme = time_step_init_scheme
-        self.rescale_prenorm_residual = rescale_prenorm_residual
+        # Tied: the backbone holds no head. (The core's backbone checks whole-LM
+        # parameters until it calls check_params(head=False), so an untied config would
+        # ask for an lm_head it never reads.)
+        self._config = _config.layer_config(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+            state_size=state_size, expand=expand, conv_kernel=conv_kernel,
+            time_step_rank=time_step_rank, use_bias=use_bias, use_conv_bias=use_conv_bias,
+            layer_norm_epsilon=layer_norm_epsilon, residual_in_fp32=residual_in_fp32,
+            time_step_min=time_step_min, time_step_max=time_step_max,
+            time_step_floor=time_step_floor, time_step_scale=time_step_scale,
+            time_step_init_scheme=time_step_init_scheme,
+            rescale_prenorm_residual=rescale_prenorm_residual)
+        _config.set_args(self, self._config, _config.BACKBONE_ARGS)
         self.impl = _config.check_impl(impl)
         self.seed = seed
         self._init_core_weights()
-        # Tied: the backbone holds no head (the core's backbone checks whole-LM
-        # parameters, so an untied config would ask for an lm_head it never reads).
-        self._config = _config.mamba_config(
-            **{name: getattr(self, name) for name in _BACKBONE_ARGS})
         self.residual_blocks = [
             MambaResidualBlock.from_mamba_config(
                 self._config, impl=impl, dtype=self.dtype_policy, name=f"residual_block_{i}")
@@ -103,7 +95,7 @@ class MambaBackbone(CoreWeights, keras.Model):
     @classmethod
     def from_mamba_config(cls, config: MambaConfig, **kwargs: Any) -> MambaBackbone:
         """A backbone with the sizes of `config`; kwargs as for the constructor."""
-        return cls(**_config.config_fields(config, _BACKBONE_ARGS), **kwargs)
+        return cls(**_config.config_fields(config, _config.BACKBONE_ARGS), **kwargs)
 
     @property
     def mamba_config(self) -> MambaConfig:
@@ -126,10 +118,7 @@ class MambaBackbone(CoreWeights, keras.Model):
         }}
 
     def build(self, input_shape: Any = None) -> None:
-        source = self._take_pending()
-        if source is None:
-            seed = _config.draw_seed(self.seed)
-            source = Source(lambda: init_params(jax.random.key(seed), self._config))
+        source = self._take_pending() or fresh(init_params, self._config, self.seed)
         self._add_core_weight("embeddings.weight", source, "backbone.embeddings.weight")
         for i, block in enumerate(self.residual_blocks):
             block._set_pending(source.sub(
@@ -138,20 +127,22 @@ class MambaBackbone(CoreWeights, keras.Model):
         self._add_core_weight("norm_f.weight", source, "backbone.norm_f.weight")
 
     def call(
-        self, token_ids: _IdsLike, padding_mask: _MaskLike = None
+        self, token_ids: IdsLike, padding_mask: MaskLike | None = None
     ) -> Float[Array, "batch length hidden"]:
-        return backbone(self.to_params(), self._config, token_ids, mask=padding_mask,
-                        impl=self.impl, dtype=self.compute_dtype)
+        return backbone(self.to_params(), self._config, token_ids,
+                        mask=_config.as_mask(padding_mask), impl=self.impl,
+                        dtype=self.compute_dtype)
 
     def call_with_cache(
-        self, token_ids: _IdsLike, cache: MambaCache, padding_mask: _MaskLike = None
+        self, token_ids: IdsLike, cache: MambaCache, padding_mask: MaskLike | None = None
     ) -> tuple[Float[Array, "batch length hidden"], MambaCache]:
         """Continue from `cache` (from `init_cache` or a previous call): returns (hidden
         states, the updated cache). Many tokens run the parallel scan from the cached
         state (prefill), one token the O(1) recurrent update."""
         self._ensure_built()
         return backbone(self.to_params(), self._config, token_ids, cache=cache,
-                        mask=padding_mask, impl=self.impl, dtype=self.compute_dtype)
+                        mask=_config.as_mask(padding_mask), impl=self.impl,
+                        dtype=self.compute_dtype)
 
     def init_cache(self, batch_size: int) -> MambaCache:
         """A zero decoding cache: conv_state (layers, batch, K-1, I) in the compute dtype,
@@ -163,7 +154,7 @@ class MambaBackbone(CoreWeights, keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({name: getattr(self, name) for name in _BACKBONE_ARGS})
+        config.update({name: getattr(self, name) for name in _config.BACKBONE_ARGS})
         config.update({"impl": self.impl, "seed": self.seed})
         return config
 

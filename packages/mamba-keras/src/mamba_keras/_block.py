@@ -8,15 +8,13 @@ from typing import Any
 import jax.numpy as jnp
 import keras
 from jax import Array
-from jaxtyping import Bool, Float, Int
-from mamba_ssm_core import MambaConfig, MixerState, residual_block
-from mamba_ssm_core.params import layer_shapes
+from jaxtyping import Float
+from mamba_ssm_core import MambaConfig, MixerState, init_layer_params, layer_shapes, residual_block
 
 from . import _config
-from ._mixer import _MIXER_ARGS, MambaMixer, fresh_layer
-from ._weights import CoreWeights, Source
-
-_BLOCK_ARGS = (*_MIXER_ARGS, "layer_norm_epsilon", "residual_in_fp32")
+from ._config import MaskLike
+from ._mixer import MambaMixer
+from ._weights import CoreWeights, fresh
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -63,39 +61,31 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         # The inputs are cast here, not by Keras: a float32 residual must stay float32
         # under a mixed-precision policy.
         super().__init__(**{**kwargs, "autocast": False})
-        self.hidden_size = hidden_size
-        self.state_size = state_size
-        self.expand = expand
-        self.conv_kernel = conv_kernel
-        self.time_step_rank = _config.time_step_rank(hidden_size, time_step_rank)
-        self.use_bias = use_bias
-        self.use_conv_bias = use_conv_bias
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.residual_in_fp32 = residual_in_fp32
-        self.time_step_min = time_step_min
-        self.time_step_max = time_step_max
-        self.time_step_floor = time_step_floor
-        self.time_step_scale = time_step_scale
-        self.time_step_init_scheme = time_step_init_scheme
-        self.rescale_prenorm_residual = rescale_prenorm_residual
-        self.num_hidden_layers = num_hidden_layers
+        self._config = _config.layer_config(
+            hidden_size=hidden_size, state_size=state_size, expand=expand,
+            conv_kernel=conv_kernel, time_step_rank=time_step_rank, use_bias=use_bias,
+            use_conv_bias=use_conv_bias, layer_norm_epsilon=layer_norm_epsilon,
+            residual_in_fp32=residual_in_fp32, time_step_min=time_step_min,
+            time_step_max=time_step_max, time_step_floor=time_step_floor,
+            time_step_scale=time_step_scale, time_step_init_scheme=time_step_init_scheme,
+            rescale_prenorm_residual=rescale_prenorm_residual,
+            num_hidden_layers=num_hidden_layers)
+        _config.set_args(self, self._config, _config.BLOCK_ARGS)
         self.impl = _config.check_impl(impl)
         self.seed = seed
         self.supports_masking = True
         self._init_core_weights()
-        self._config = _config.mamba_config(
-            **{name: getattr(self, name) for name in _BLOCK_ARGS})
         self.mixer = MambaMixer.from_mamba_config(
             self._config, impl=impl, dtype=self.dtype_policy, name="mixer")
 
     @classmethod
     def from_mamba_config(cls, config: MambaConfig, **kwargs: Any) -> MambaResidualBlock:
         """A block with the sizes of `config`; kwargs as for the constructor."""
-        return cls(**_config.config_fields(config, _BLOCK_ARGS), **kwargs)
+        return cls(**_config.config_fields(config, _config.BLOCK_ARGS), **kwargs)
 
     @property
     def mamba_config(self) -> MambaConfig:
-        """The `MambaConfig` the core is called with (a one-token vocabulary)."""
+        """The `MambaConfig` the core is called with (`MambaConfig.for_mixer`: no vocabulary)."""
         return self._config
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -109,10 +99,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
                 "mixer": self.mixer._core_tree(get)}
 
     def build(self, hidden_shape: Any) -> None:
-        source = self._take_pending()
-        if source is None:
-            seed = _config.draw_seed(self.seed)
-            source = Source(lambda: fresh_layer(self._config, seed))
+        source = self._take_pending() or fresh(init_layer_params, self._config, self.seed)
         self._add_core_weight("norm.weight", source)
         self.mixer._set_pending(source.sub(lambda p: p["mixer"]))
         self.mixer.build(hidden_shape)
@@ -130,11 +117,11 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         self,
         hidden: Float[Array, "batch length hidden"],
         residual: Float[Array, "batch length hidden"] | None = None,
-        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+        mask: MaskLike | None = None,
     ) -> tuple[Float[Array, "batch length hidden"], Float[Array, "batch length hidden"]]:
         hidden, residual = self._cast(hidden, residual)
         out, residual, _ = residual_block(self.to_params(), self._config, hidden, residual,
-                                          mask=mask, impl=self.impl)
+                                          mask=_config.as_mask(mask), impl=self.impl)
         return out, residual
 
     def call_with_state(
@@ -142,7 +129,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         hidden: Float[Array, "batch length hidden"],
         residual: Float[Array, "batch length hidden"] | None,
         state: MixerState,
-        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+        mask: MaskLike | None = None,
     ) -> tuple[Float[Array, "batch length hidden"], Float[Array, "batch length hidden"],
                MixerState]:
         """As `call`, continuing the mixer from `state` (see `MambaMixer.call_with_state`):
@@ -150,7 +137,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         self._ensure_built()
         hidden, residual = self._cast(hidden, residual)
         return residual_block(self.to_params(), self._config, hidden, residual, state=state,
-                              mask=mask, impl=self.impl)
+                              mask=_config.as_mask(mask), impl=self.impl)
 
     def init_state(self, batch_size: int) -> MixerState:
         """A zero decoding state for the mixer (see `MambaMixer.init_state`)."""
@@ -166,6 +153,6 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({name: getattr(self, name) for name in _BLOCK_ARGS})
+        config.update({name: getattr(self, name) for name in _config.BLOCK_ARGS})
         config.update({"impl": self.impl, "seed": self.seed})
         return config

@@ -23,13 +23,14 @@ from mamba_ssm_core import (
     generate,
     init_params,
     load_pretrained,
+    param_shapes,
     save_pretrained,
 )
-from mamba_ssm_core.params import param_shapes
 
 from . import _config
-from ._backbone import MambaBackbone, _IdsLike, _MaskLike
-from ._weights import CoreWeights, Source, stack_arrays
+from ._backbone import MambaBackbone
+from ._config import IdsLike, MaskLike
+from ._weights import CoreWeights, fresh, stack_arrays
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -142,25 +143,26 @@ class MambaCausalLM(CoreWeights, keras.Model):
 
     def build(self, input_shape: Any = None) -> None:
         source = self._take_pending()
-        seed = _config.draw_seed(self.backbone.seed)
         if not self.backbone.built:
             # the whole model at once, as the core initialises it
-            source = source or Source(lambda: init_params(jax.random.key(seed), self._config))
+            source = source or fresh(init_params, self._config, self.backbone.seed)
             self.backbone._set_pending(source.sub(lambda p: {"backbone": p["backbone"]}))
             self.backbone.build(self._build_input_shape())
         if not self.tie_word_embeddings:
             # a built backbone was given: a fresh head alone
-            source = source or Source(lambda: init_params(
-                jax.random.key(seed), dataclasses.replace(self._config, num_hidden_layers=1)))
+            source = source or fresh(
+                init_params, dataclasses.replace(self._config, num_hidden_layers=1),
+                self.backbone.seed)
             self._add_core_weight("lm_head.weight", source)
 
     # --- calls ---------------------------------------------------------------------------
 
     def call(
-        self, token_ids: _IdsLike, padding_mask: _MaskLike = None
+        self, token_ids: IdsLike, padding_mask: MaskLike | None = None
     ) -> Float[Array, "batch length vocab"]:
-        return forward(self.to_params(), self._config, token_ids, mask=padding_mask,
-                       impl=self.backbone.impl, dtype=self.compute_dtype)
+        return forward(self.to_params(), self._config, token_ids,
+                       mask=_config.as_mask(padding_mask), impl=self.backbone.impl,
+                       dtype=self.compute_dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return (*tuple(input_shape), self._config.vocab_size)
@@ -174,13 +176,14 @@ class MambaCausalLM(CoreWeights, keras.Model):
         return self.backbone.init_cache(batch_size)
 
     def call_with_cache(
-        self, token_ids: _IdsLike, cache: MambaCache, padding_mask: _MaskLike = None
+        self, token_ids: IdsLike, cache: MambaCache, padding_mask: MaskLike | None = None
     ) -> tuple[Float[Array, "batch length vocab"], MambaCache]:
         """Logits for token_ids continuing from `cache`, and the updated cache (prefill,
         chunked prefill, or single steps)."""
         self._ensure_built()
         return forward(self.to_params(), self._config, token_ids, cache=cache,
-                       mask=padding_mask, impl=self.backbone.impl, dtype=self.compute_dtype)
+                       mask=_config.as_mask(padding_mask), impl=self.backbone.impl,
+                       dtype=self.compute_dtype)
 
     def decode_step(
         self, token: Int[Array, " batch"] | Int[np.ndarray, " batch"], cache: MambaCache
@@ -193,11 +196,11 @@ class MambaCausalLM(CoreWeights, keras.Model):
 
     def generate(
         self,
-        token_ids: _IdsLike,
+        token_ids: IdsLike,
         *,
         max_new_tokens: int,
         seed: int | Array | None = None,
-        padding_mask: _MaskLike = None,
+        padding_mask: MaskLike | None = None,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,

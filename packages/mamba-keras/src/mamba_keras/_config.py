@@ -1,71 +1,54 @@
 """Constructor arguments of the layers <-> `mamba_ssm_core.MambaConfig`.
 
-The layers take the core's field names as keyword arguments, with the defaults of
-the original Mamba (`mamba_simple.Mamba`); `MambaConfig` has no defaults for its
-architecture fields, so the sizes a layer does not use get neutral placeholders.
+The layers take the core's field names as arguments, with the defaults of the original
+Mamba layer (`MambaConfig.for_mixer`'s); `time_step_rank=None` is its "auto". The
+arrays they accept, and how they reach the core.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jaxtyping import Bool, Int
 from mamba_ssm_core import MambaConfig
 
-# The mixer's arguments (MambaConfig field names) and their defaults.
-MIXER_DEFAULTS: dict[str, Any] = {
-    "state_size": 16,
-    "expand": 2,
-    "conv_kernel": 4,
-    "time_step_rank": None,  # None: ceil(hidden_size / 16), the official "auto"
-    "use_bias": False,
-    "use_conv_bias": True,
-    # initialisation only
-    "time_step_min": 0.001,
-    "time_step_max": 0.1,
-    "time_step_floor": 1e-4,
-    "time_step_scale": 1.0,
-    "time_step_init_scheme": "random",
-    "rescale_prenorm_residual": True,
-}
-# What a residual block adds.
-BLOCK_DEFAULTS: dict[str, Any] = {
-    **MIXER_DEFAULTS,
-    "layer_norm_epsilon": 1e-5,
-    "residual_in_fp32": True,
-}
-# Placeholders for the MambaConfig fields a layer does not read.
-_PLACEHOLDERS: dict[str, Any] = {
-    "vocab_size": 1,
-    "num_hidden_layers": 1,
-    "layer_norm_epsilon": 1e-5,
-    "residual_in_fp32": True,
-    "tie_word_embeddings": True,
-}
+# Each layer's constructor arguments that are MambaConfig fields, in get_config's order.
+MIXER_ARGS = ("hidden_size", *MambaConfig.MIXER_FIELDS, "num_hidden_layers")
+BLOCK_ARGS = (*MIXER_ARGS, "layer_norm_epsilon", "residual_in_fp32")
+BACKBONE_ARGS = ("vocab_size", *BLOCK_ARGS)
+
+IdsLike = Int[Array, "batch length"] | Int[np.ndarray, "batch length"]
+MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
+            | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"])
 
 
-def time_step_rank(hidden_size: int, rank: int | None) -> int:
-    """The time-step rank, with None for the official default ceil(hidden_size / 16)."""
-    return math.ceil(hidden_size / 16) if rank is None else rank
+def as_mask(mask: MaskLike | None) -> Array | None:
+    """A mask as a jax array: the core's model functions take NumPy int masks but not
+    NumPy bool ones."""
+    return None if mask is None else jnp.asarray(mask)
 
 
-def mamba_config(**fields: Any) -> MambaConfig:
-    """A MambaConfig from layer arguments; fields a layer does not use get placeholders."""
-    fields = {**_PLACEHOLDERS, **fields}
-    fields["time_step_rank"] = time_step_rank(fields["hidden_size"], fields["time_step_rank"])
-    return MambaConfig(**fields)
+def layer_config(vocab_size: int = 1, **args: Any) -> MambaConfig:
+    """The MambaConfig of a layer's constructor arguments (MambaConfig field names; a
+    backbone's vocab_size, else a one-token vocabulary): tied, so it asks for no head."""
+    return dataclasses.replace(MambaConfig.for_mixer(**args), vocab_size=vocab_size)
+
+
+def set_args(layer: Any, config: MambaConfig, names: tuple[str, ...]) -> None:
+    """Keep the constructor arguments `names` as attributes, as `config` resolved them
+    (time_step_rank None: the int it stands for)."""
+    for name in names:
+        setattr(layer, name, getattr(config, name))
 
 
 def config_fields(config: MambaConfig, names: Any) -> dict[str, Any]:
     """The given fields of `config`, as layer arguments."""
     return {name: getattr(config, name) for name in names}
-
-
-def fields_of(config: MambaConfig) -> dict[str, Any]:
-    """Every field of `config`."""
-    return dataclasses.asdict(config)
 
 
 def check_impl(impl: Any) -> str:

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import keras
 from jax import Array
-from jaxtyping import Bool, Float, Int
-from mamba_ssm_core import MambaConfig, MixerState, init_params, layer_params, mixer
-from mamba_ssm_core.params import layer_shapes
+from jaxtyping import Float
+from mamba_ssm_core import MambaConfig, MixerState, init_layer_params, layer_shapes, mixer
 
 from . import _config
-from ._weights import CoreWeights, Source
-
-_MIXER_ARGS = ("hidden_size", *_config.MIXER_DEFAULTS, "num_hidden_layers")
-
-
-def fresh_layer(config: MambaConfig, seed: int) -> dict[str, Any]:
-    """One layer's parameters {"norm", "mixer"} with the official initialisation of a
-    layer in a `config.num_hidden_layers`-layer model (out_proj is rescaled by depth)."""
-    # The core initialises whole models only; a one-token vocabulary keeps the
-    # embedding it also draws negligible.
-    small = dataclasses.replace(config, vocab_size=1)
-    return layer_params(init_params(jax.random.key(seed), small), 0)
+from ._config import MaskLike
+from ._weights import CoreWeights, fresh
 
 
 @keras.saving.register_keras_serializable(package="mamba_keras")
@@ -78,36 +65,29 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.state_size = state_size
-        self.expand = expand
-        self.conv_kernel = conv_kernel
-        self.time_step_rank = _config.time_step_rank(hidden_size, time_step_rank)
-        self.use_bias = use_bias
-        self.use_conv_bias = use_conv_bias
-        self.time_step_min = time_step_min
-        self.time_step_max = time_step_max
-        self.time_step_floor = time_step_floor
-        self.time_step_scale = time_step_scale
-        self.time_step_init_scheme = time_step_init_scheme
-        self.rescale_prenorm_residual = rescale_prenorm_residual
-        self.num_hidden_layers = num_hidden_layers
+        self._config = _config.layer_config(
+            hidden_size=hidden_size, state_size=state_size, expand=expand,
+            conv_kernel=conv_kernel, time_step_rank=time_step_rank, use_bias=use_bias,
+            use_conv_bias=use_conv_bias, time_step_min=time_step_min,
+            time_step_max=time_step_max, time_step_floor=time_step_floor,
+            time_step_scale=time_step_scale, time_step_init_scheme=time_step_init_scheme,
+            rescale_prenorm_residual=rescale_prenorm_residual,
+            num_hidden_layers=num_hidden_layers)
+        _config.set_args(self, self._config, _config.MIXER_ARGS)
         self.impl = _config.check_impl(impl)
         self.seed = seed
         self.supports_masking = True
         self._init_core_weights()
-        self._config = _config.mamba_config(
-            **{name: getattr(self, name) for name in _MIXER_ARGS})
 
     @classmethod
     def from_mamba_config(cls, config: MambaConfig, **kwargs: Any) -> MambaMixer:
         """A mixer with the sizes of `config`; kwargs (impl, seed, name, dtype, ...) as
         for the constructor."""
-        return cls(**_config.config_fields(config, _MIXER_ARGS), **kwargs)
+        return cls(**_config.config_fields(config, _config.MIXER_ARGS), **kwargs)
 
     @property
     def mamba_config(self) -> MambaConfig:
-        """The `MambaConfig` the core is called with (a one-token vocabulary)."""
+        """The `MambaConfig` the core is called with (`MambaConfig.for_mixer`: no vocabulary)."""
         return self._config
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -118,33 +98,30 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
         return (None, None, self.hidden_size)
 
     def build(self, input_shape: Any) -> None:
-        source = self._take_pending()
-        if source is None:
-            seed = _config.draw_seed(self.seed)
-            source = Source(lambda: fresh_layer(self._config, seed)["mixer"])
+        source = self._take_pending() or fresh(init_layer_params, self._config, self.seed).sub(
+            lambda p: p["mixer"])
         for path in self._expected_shapes():  # a fixed order: .keras files store by index
             self._add_core_weight(path, source)
 
     def call(
-        self,
-        inputs: Float[Array, "batch length hidden"],
-        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+        self, inputs: Float[Array, "batch length hidden"], mask: MaskLike | None = None
     ) -> Float[Array, "batch length hidden"]:
-        y, _ = mixer(self.to_params(), self._config, inputs, mask=mask, impl=self.impl)
+        y, _ = mixer(self.to_params(), self._config, inputs, mask=_config.as_mask(mask),
+                     impl=self.impl)
         return y
 
     def call_with_state(
         self,
         inputs: Float[Array, "batch length hidden"],
         state: MixerState,
-        mask: Bool[Array, "batch length"] | Int[Array, "batch length"] | None = None,
+        mask: MaskLike | None = None,
     ) -> tuple[Float[Array, "batch length hidden"], MixerState]:
         """Continue from `state` (from `init_state` or a previous call): returns (y, the
         state after the last step). One step is the O(1) recurrent update."""
         self._ensure_built()
         inputs = jnp.asarray(inputs).astype(self.compute_dtype)
-        return mixer(self.to_params(), self._config, inputs, state=state, mask=mask,
-                     impl=self.impl)
+        return mixer(self.to_params(), self._config, inputs, state=state,
+                     mask=_config.as_mask(mask), impl=self.impl)
 
     def init_state(self, batch_size: int) -> MixerState:
         """A zero decoding state: conv (batch, K-1, I) in the compute dtype, ssm
@@ -159,7 +136,7 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({name: getattr(self, name) for name in _MIXER_ARGS})
+        config.update({name: getattr(self, name) for name in _config.MIXER_ARGS})
         config.update({"impl": self.impl, "seed": self.seed})
         return config
 

@@ -10,14 +10,16 @@ exactly what the core computes.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mamba_ssm_core import ParamsError
-from mamba_ssm_core.params import SSM_PARAM_PATHS, flatten, unflatten
+from mamba_ssm_core import MambaConfig, ParamsError, check_shapes, flatten, is_ssm_param, unflatten
+
+from . import _config
 
 Getter = Callable[[Any], Any]
 Stacker = Callable[..., Any]
@@ -62,6 +64,14 @@ class Source:
         return Source(lambda: pick(self()))
 
 
+def fresh(init: Callable[..., Any], config: MambaConfig, seed: int | None) -> Source:
+    """The official initialisation `init(key, config)` (the core's `init_params` or
+    `init_layer_params`), its key from `seed` (None: drawn now, see
+    `_config.draw_seed`), computed on first use."""
+    seed = _config.draw_seed(seed)
+    return Source(lambda: init(jax.random.key(seed), config))
+
+
 class _Given:
     """An initializer returning (a copy of) the leaf `path` of a `Source`, cast to the
     variable's dtype."""
@@ -80,25 +90,7 @@ class _Given:
         return jnp.array(value, dtype=dtype, copy=True)
 
 
-def check_shapes(where: str, params: Any, expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ParamsError listing every missing, unexpected or misshapen leaf of `params`."""
-    if not isinstance(params, Mapping):
-        raise ParamsError(f"{where}: expected a nested dict of arrays, got "
-                          f"{type(params).__name__}")
-    got = flatten(params)
-    problems = [f"missing {p}: expected shape {expected[p]}"
-                for p in sorted(set(expected) - set(got))]
-    problems += [f"unexpected {p}: shape {tuple(np.shape(got[p]))}"
-                 for p in sorted(set(got) - set(expected))]
-    problems += [f"shape mismatch {p}: expected {expected[p]}, got {tuple(np.shape(got[p]))}"
-                 for p in sorted(set(got) & set(expected))
-                 if tuple(np.shape(got[p])) != tuple(expected[p])]
-    if problems:
-        raise ParamsError(f"{where}: the parameters do not fit ({len(problems)} problems):\n  "
-                          + "\n  ".join(problems))
-
-
-class CoreWeights:
+class CoreWeights(abc.ABC):
     """Mixin for the Keras layers of this package (see the module docstring)."""
 
     def _init_core_weights(self) -> None:
@@ -107,13 +99,13 @@ class CoreWeights:
 
     # --- for subclasses ------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Dotted path -> shape of every parameter this layer (and its sublayers) holds."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _build_input_shape(self) -> tuple[Any, ...]:
         """The input shape `load_params` builds an unbuilt layer with."""
-        raise NotImplementedError
 
     def _core_tree(self, get: Getter, stack: Stacker = stack_arrays) -> dict[str, Any]:
         """The parameters in the core's layout, each weight's value read with `get(variable)`;
@@ -133,7 +125,7 @@ class CoreWeights:
         variable = self.add_weight(
             name=path, shape=self._expected_shapes()[key or path],
             initializer=_Given(source, key or path),
-            dtype="float32" if path in SSM_PARAM_PATHS else None, autocast=False)
+            dtype="float32" if is_ssm_param(path) else None, autocast=False)
         self._core_vars[path] = variable
         return variable
 
@@ -178,7 +170,8 @@ class CoreWeights:
         """Put the core's parameter pytree for this layer into its weights (cast to the
         variables' dtypes); an unbuilt layer is built with them, without drawing a
         random initialisation first. Raises ParamsError listing every mismatch."""
-        check_shapes(f"{type(self).__name__}.load_params", params, self._expected_shapes())
+        check_shapes(params, self._expected_shapes(),
+                     where=f"{type(self).__name__}.load_params: the parameters")
         if not self.built:
             self._set_pending(Source.given(params))
             self.build(self._build_input_shape())

@@ -11,10 +11,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import mamba_ssm_core
 import numpy as np
 import pytest
-
-import mamba_ssm_core
 from mamba_ssm_core import (
     MambaConfig,
     ParamsError,
@@ -74,8 +73,9 @@ def test_init_layer_params_follows_the_official_recipe():
                                  num_hidden_layers=4)
     flat = {k: np.asarray(v) for k, v in flatten(
         init_layer_params(jax.random.key(3), config)).items()}
-    H, I, N, K, R, L = (config.hidden_size, config.intermediate_size, config.state_size,
-                        config.conv_kernel, config.time_step_rank, config.num_hidden_layers)
+    H, I, N, K, R, L = (config.hidden_size, config.intermediate_size,  # noqa: E741
+                        config.state_size, config.conv_kernel, config.time_step_rank,
+                        config.num_hidden_layers)
     np.testing.assert_array_equal(flat["norm.weight"], 1.0)
     np.testing.assert_allclose(flat["mixer.A_log"],
                                np.broadcast_to(np.log(np.arange(1, N + 1)), (I, N)), rtol=1e-6)

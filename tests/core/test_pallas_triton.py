@@ -297,6 +297,33 @@ def test_kernel_config_pads_and_caps():
     assert cfg.tile * cfg.n_tiles >= 37 and cfg.masked
 
 
+@pytest.mark.parametrize("dtype, state, a_rows, infer_unroll", [
+    ("bfloat16", 16, True, 8), ("float16", 16, True, 8), ("float32", 16, False, 4),
+    ("bfloat16", 64, False, 2),
+])
+def test_kernel_config_forward_layouts(dtype, state, a_rows, infer_unroll):
+    # The row-by-row inference forward (8-step sub-tiles) only for 2-byte inputs at
+    # up to 16 state entries a thread; the forward that saves states never uses it.
+    cfg = PallasTritonScan().kernel_config(
+        spec(dim=2048, state=state, length=2048, dtype=dtype), softplus=True, has_D=True,
+        has_bias=True, has_h0=False,
+    )
+    assert (cfg.a_rows, cfg.infer_unroll) == (a_rows, infer_unroll)
+    assert cfg.tile % cfg.infer_unroll == 0 and cfg.tile % cfg.unroll == 0
+    assert cfg.fast_math
+
+
+def test_interpret_forward_rows_float32():
+    # a_rows forced on for float32 (the default leaves it off there): same function
+    rng = np.random.default_rng(5)
+    inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2, dtype="float32")
+    y, h = run(interp(a_rows=True, unroll=8), to_jax(inp, "float32"), seg)
+    y_ref, h_ref = oracle_of(inp, seg)
+    rtol, atol = TOL["float32"]
+    assert_close("y", y, y_ref, rtol, atol, REL["float32"])
+    assert_close("h", h, h_ref, rtol, atol, 1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Lowering for an abstract H100 (CPU): the real Triton lowering rules, realistic shapes
 

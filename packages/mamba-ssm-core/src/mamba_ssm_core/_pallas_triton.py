@@ -18,8 +18,17 @@ result is deterministic. `backward="reference"` swaps in the VJP of the
 sequential `lax.scan` for checking.
 
 Layouts inside the kernels: the state is (state, channels) with the channels
-last, so that Triton spreads channels over threads and each thread holds all
-state entries of its channels: the sums over the state then stay in registers.
+last. Triton picks the register layout from the kernel's 2D loads and stores:
+a 2D load of A vectorises along the channels, which gives each thread 4 channels
+by 4 state entries (sums over the state take 2 shuffle rounds, sums over the
+channels 3, and each per-step row of channels goes through shared memory). The
+forward without saved states can assemble A row by row instead (`a_rows`): then
+each thread holds all state entries of one channel and a step needs no shuffle
+and no shared memory (measured on the H100 in benchmarks/RESULTS.md).
+
+Transcendentals and fused multiply-adds go through inline PTX on the GPU
+(`fast_math`): jnp's exp2 and division lower to libdevice calls and its a * b + c
+to two instructions, and both kernels are bound by the instructions they issue.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ class _Kernel:
     tile: int  # steps per saved state (forward tile)
     n_tiles: int
     unroll: int  # forward steps per unrolled sub-tile
+    infer_unroll: int  # the same for the forward that saves no states
     bwd_unroll: int  # backward steps per recomputed sub-tile
     state: int  # padded state size (a power of two)
     block_d: int
@@ -101,6 +111,8 @@ class _Kernel:
     keep_decay: bool  # backward: keep a sub-tile's decays in registers (else recompute)
     fill_unroll: int  # backward: steps a workspace-filling iteration walks
     backward: str
+    fast_math: bool  # MUFU instructions for exp2, exp and reciprocals (see _asm)
+    a_rows: bool  # forward without saved states: A (and h0) row by row (see _load_2d)
     interpret: bool
 
     @property
@@ -140,6 +152,67 @@ def _load_rows(ins, t0, count: int, names, cfg: _Kernel, clamp: bool):
             for k in range(count)]
 
 
+def _asm(op: str, x):
+    """One PTX float32 instruction per element (`op` like "ex2.approx.ftz.f32").
+
+    libdevice's exp2f/expf and IEEE division, what jnp lowers to, take 4 to 20
+    instructions where one MUFU instruction does (about 2 ulp, denormals flushed to
+    zero), and both kernels are bound by the instructions they issue. The
+    interpreter has no inline assembly: there (and with fast_math off) jnp's
+    functions stand in."""
+    return plt.elementwise_inline_asm(
+        f"{op} $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    )[0]
+
+
+def _exp2(x, cfg: _Kernel):
+    if cfg.interpret or not cfg.fast_math:
+        return jnp.exp2(x)
+    return _asm("ex2.approx.ftz.f32", x)
+
+
+def _exp(x, cfg: _Kernel):
+    if cfg.interpret or not cfg.fast_math:
+        return jnp.exp(x)
+    return _exp2(x * _LOG2E, cfg)
+
+
+def _sigmoid(x, cfg: _Kernel):
+    if cfg.interpret or not cfg.fast_math:
+        return 1.0 / (1.0 + jnp.exp(-x))
+    return _asm("rcp.approx.ftz.f32", 1.0 + _exp(-x, cfg))
+
+
+def _fma(a, b, c, cfg: _Kernel):
+    """a * b + c as one fused multiply-add: the kernels' multiplies and adds reach
+    ptxas unfused otherwise (two instructions)."""
+    if cfg.interpret or not cfg.fast_math:
+        return a * b + c
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    a, b, c = (jnp.broadcast_to(v, shape) for v in (a, b, c))
+    return plt.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)],
+    )[0]
+
+
+def _load_2d(ref, by_rows: bool):
+    """A (state, block_d) ref as a value. by_rows: one (block_d,) load per state entry,
+    assembled with selects, so that no 2D load sets the layout Triton gives the
+    kernel's (state, block_d) arithmetic (a 2D load is vectorised along the channels,
+    which splits the state over 4 lanes and puts every per-step row of channels
+    through shared memory)."""
+    if not by_rows:
+        return ref[...]
+    N, bd = ref.shape
+    n_idx = jax.lax.broadcasted_iota(jnp.int32, (N, bd), 0)
+    out = jnp.zeros((N, bd), ref.dtype)
+    for n in range(N):
+        out = jnp.where(n_idx == n, ref[n][None, :], out)
+    return out
+
+
 def _delta(row, bias, t, cfg: _Kernel):
     """(raw delta + bias, delta after softplus), (block_d,) float32 each.
 
@@ -151,7 +224,7 @@ def _delta(row, bias, t, cfg: _Kernel):
     dt = x
     if cfg.softplus:
         dt = jnp.where(
-            x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD)))
+            x > SOFTPLUS_THRESHOLD, x, jnp.log1p(_exp(jnp.minimum(x, SOFTPLUS_THRESHOLD), cfg))
         )
     if cfg.masked:
         dt = jnp.where(t < cfg.length, dt, 0.0)
@@ -160,7 +233,7 @@ def _delta(row, bias, t, cfg: _Kernel):
 
 def _decay(dt, A2, row, t, cfg: _Kernel):
     """exp(delta * A) as exp2(delta * A * log2(e)), zeroed where the segment restarts."""
-    dA = jnp.exp2(dt[None, :] * A2)
+    dA = _exp2(dt[None, :] * A2, cfg)
     if cfg.has_keep:
         keep = row["keep"]
         if cfg.masked:
@@ -205,11 +278,14 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
     ins, rest = _unpack(refs, (*_input_names(cfg), ("h0", cfg.has_h0)))
     y_ref, hlast_ref, *ck = rest
     ck_ref = ck[0] if save else None
-    K = cfg.unroll
+    # Without saved states (inference) the row-by-row layout with longer sub-tiles
+    # is faster for 2-byte inputs; with them (or float32 rows) it spills registers.
+    K = cfg.infer_unroll if not save else cfg.unroll
+    a_rows = cfg.a_rows and not save
     n_sub = cfg.tile // K
     names = ("u", "dt", "z", "B", "C", "keep")
 
-    A2 = ins["A"][...] * _LOG2E  # (state, bd) float32, pre-scaled for exp2
+    A2 = _load_2d(ins["A"], a_rows) * _LOG2E  # (state, bd) float32, pre-scaled for exp2
     D = ins["D"][...] if cfg.has_D else None
     bias = ins["bias"][...] if cfg.has_bias else None
 
@@ -223,13 +299,13 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
             _, dt = _delta(r, bias, t, cfg)
             u = r["u"].astype(_F32)
             dA = _decay(dt, A2, r, t, cfg)
-            h = dA * h + (dt * u)[None, :] * r["B"].astype(_F32)[:, None]
+            h = _fma(dA, h, (dt * u)[None, :] * r["B"].astype(_F32)[:, None], cfg)
             y = jnp.sum(h * r["C"].astype(_F32)[:, None], axis=0)
             if D is not None:
                 y = y + D * u
             if cfg.has_z:
                 z = r["z"].astype(_F32)
-                y = y * (z / (1.0 + jnp.exp(-z)))
+                y = y * (z * _sigmoid(z, cfg))
             ys.append(y)
         for k, y in enumerate(ys):
             _store_row(y_ref, s * K + k, y.astype(y_ref.dtype), cfg)
@@ -250,7 +326,7 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
         h = compute(s, rows, h)
         return (h, nxt) if cfg.prefetch else h
 
-    h = ins["h0"][...] if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
+    h = _load_2d(ins["h0"], a_rows) if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
     init = (h, load(0)) if cfg.prefetch else h
     out = jax.lax.fori_loop(0, cfg.n_tiles * n_sub, body, init)
     hlast_ref[...] = out[0] if cfg.prefetch else out
@@ -338,7 +414,8 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         x, dt = _delta(r, bias, t, cfg)
         u = r["u"].astype(_F32)
         dA = _decay(dt, A2, r, t, cfg)
-        return dA * h + (dt * u)[None, :] * r["B"].astype(_F32)[:, None], dA, x, dt, u
+        h = _fma(dA, h, (dt * u)[None, :] * r["B"].astype(_F32)[:, None], cfg)
+        return h, dA, x, dt, u
 
     def fill(c):
         """States entering each sub-tile of tile c, into this program's workspace.
@@ -376,7 +453,7 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         out = {}
         if cfg.has_z:
             z = r["z"].astype(_F32)
-            sig = 1.0 / (1.0 + jnp.exp(-z))
+            sig = _sigmoid(z, cfg)
             y_pre = jnp.sum(h * C[:, None], axis=0)
             if D is not None:
                 y_pre = y_pre + D * u
@@ -384,7 +461,7 @@ def _bwd_kernel(cfg: _Kernel, *refs):
             dy = dy * z * sig
         if cfg.masked:
             dy = jnp.where(t < cfg.length, dy, 0.0)
-        g = g_next + C[:, None] * dy[None, :]  # total gradient of h_t
+        g = _fma(C[:, None], dy[None, :], g_next, cfg)  # total gradient of h_t
         gB = jnp.sum(g * B[:, None], axis=0)
         g_dA_h = g * dA * h_prev
         # d h_t / d delta = A dA h_{t-1} + u B, with A = A2 / log2(e)
@@ -393,9 +470,9 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         if D is not None:
             du = du + D * dy
             acc_D = acc_D + dy * u
-        acc_A = acc_A + g_dA_h * dt[None, :]
+        acc_A = _fma(g_dA_h, dt[None, :], acc_A, cfg)
         if cfg.softplus:
-            ddt = jnp.where(x > SOFTPLUS_THRESHOLD, ddt, ddt / (1.0 + jnp.exp(-x)))
+            ddt = jnp.where(x > SOFTPLUS_THRESHOLD, ddt, ddt * _sigmoid(x, cfg))
         if cfg.has_bias:
             acc_bias = acc_bias + (jnp.where(t < cfg.length, ddt, 0.0) if cfg.masked else ddt)
         out["du"], out["ddt"] = du, ddt
@@ -602,7 +679,8 @@ class PallasTritonScan(ScanImplementation):
     block_d: channels per program (a power of two; capped at the group's channels).
     num_warps: warps per program; None picks from block_d and the state size.
     unroll: forward steps per sub-tile (loaded together, then computed unrolled);
-      None: 4, fewer when a thread holds over 16 state entries.
+      None: 4, fewer when a thread holds over 16 state entries; 8 in the forward
+      without saved states when `a_rows` holds.
     prefetch: load the next sub-tile while computing this one (forward).
     tile_l: steps per saved state; the backward recomputes inside each tile.
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
@@ -610,12 +688,19 @@ class PallasTritonScan(ScanImplementation):
     bwd_fill_unroll: steps per iteration of the backward's state-recomputing walk.
     num_stages: Triton's software-pipelining depth.
     backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
+    fast_math: exp2, exp and reciprocals as single PTX approximations (ex2.approx,
+      rcp.approx; 2 ulp, denormals flushed) instead of libdevice's, and explicit
+      fused multiply-adds (GPU only).
+    a_rows: the forward without saved states (inference; not under a gradient) loads
+      A and the initial state one state entry at a time (see `_load_2d`); None: for
+      2-byte inputs while a thread holds at most 16 state entries.
     interpret: run the kernels in Pallas' interpreter (CPU; for tests).
     """
 
     name = "pallas_triton"
     # Defaults from the H100 sweeps (benchmarks/RESULTS.md): 32 channels a one-warp
-    # program, 4-step forward sub-tiles, 2-step backward sub-tiles with prefetch.
+    # program, 4-step forward sub-tiles (8 in the row-by-row inference forward),
+    # 2-step backward sub-tiles with prefetch.
     block_d: int = 32
     num_warps: int | None = None
     unroll: int | None = None
@@ -628,6 +713,8 @@ class PallasTritonScan(ScanImplementation):
     bwd_fill_unroll: int = 16
     num_stages: int = 1
     backward: str = "kernel"
+    fast_math: bool = True
+    a_rows: bool | None = None
     interpret: bool = False
 
     def __post_init__(self):
@@ -693,11 +780,15 @@ class PallasTritonScan(ScanImplementation):
         per_thread = max(1, N * bwd_bd // (32 * bwd_warps))
         fwd_per_thread = max(1, N * bd // (32 * (self.num_warps or warps(bd))))
         unroll = self.unroll or max(1, min(4, 64 // fwd_per_thread))
+        a_rows = self.a_rows
+        if a_rows is None:
+            a_rows = fwd_per_thread <= 16 and spec.dtype != "float32"
+        infer_unroll = self.unroll or (8 if a_rows else unroll)
         bwd_unroll = self.bwd_unroll or max(1, min(unroll, 32 // per_thread))
         bwd_prefetch = (
             per_thread * bwd_unroll <= 32 if self.bwd_prefetch is None else self.bwd_prefetch
         )
-        step = max(unroll, bwd_unroll)
+        step = max(unroll, infer_unroll, bwd_unroll)
         tile = min(self.tile_l, _round_up(spec.length, step))
         n_tiles = -(-spec.length // tile)
         return _Kernel(
@@ -705,6 +796,7 @@ class PallasTritonScan(ScanImplementation):
             tile=tile,
             n_tiles=n_tiles,
             unroll=unroll,
+            infer_unroll=infer_unroll,
             bwd_unroll=bwd_unroll,
             state=N,
             block_d=bd,
@@ -727,6 +819,8 @@ class PallasTritonScan(ScanImplementation):
             fill_unroll=max(f for f in range(bwd_unroll, tile + 1, bwd_unroll)
                             if tile % f == 0 and (f <= self.bwd_fill_unroll or f == bwd_unroll)),
             backward=self.backward,
+            fast_math=self.fast_math,
+            a_rows=a_rows,
             interpret=self.interpret,
         )
 

@@ -239,9 +239,10 @@ def prepare_generate(
     dtype: Any = None,
     impl: str | ScanImplementation | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
-    """Check the arguments of `generate` and return (args, static) with
-    `_generate(*args, **static)` the generation; `_generate.lower(*args,
-    **static).compile()` compiles it ahead of time (the sampler times it that way)."""
+    """Check the arguments of `generate` (documented there) and return (args, static)
+    with `_generate(*args, **static)` the generation; `_generate.lower(*args,
+    **static).compile()` compiles it ahead of time (the sampler and the benchmark time
+    it that way)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(float(temperature), int(top_k), float(top_p), float(min_p),
@@ -280,47 +281,31 @@ def prepare_generate(
     return args, static
 
 
-@jaxtyped(typechecker=beartype)
 def generate(
     params: Params,
     config: MambaConfig,
     input_ids: Int[Array, "batch length"] | Int[np.ndarray, "batch length"],
-    *,
-    max_new_tokens: int,
-    key: Array | None = None,
-    mask: _MaskLike | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    callback: StreamCallback | None = None,
-    dtype: Any = None,
-    impl: str | ScanImplementation | None = None,
+    **options: Any,
 ) -> GenerationOutput:
     """Continue each prompt by up to max_new_tokens tokens.
 
     input_ids: (batch, length) prompts, left-padded to one length when they differ,
     with mask (batch, length) nonzero on the real tokens; every row then decodes from
-    exactly the state its unpadded prompt gives. key: a PRNG key, required unless
-    temperature is 0 (greedy). eos_token_id: one id or several (default
-    config.eos_token_id; () for none); a row stops after emitting one.
-    pad_token_id: fills a row after its EOS (default config.pad_token_id, else 0).
-    callback: called as callback(step, tokens (batch,), done (batch,)) with NumPy
-    arrays after each step, in order, from inside the compiled loop (streaming).
-    dtype: compute dtype (default the embedding's). impl: the scan for the prefill and
-    the decoding steps (see `decode_step`); None takes the fastest forward:
+    exactly the state its unpadded prompt gives. The keyword-only options are those of
+    `prepare_generate`, which checks them: max_new_tokens (required); key, a PRNG key,
+    required unless temperature is 0 (greedy); mask; the sampling settings temperature,
+    top_k, top_p, min_p, repetition_penalty (see `Sampling`); eos_token_id, one id or
+    several (default config.eos_token_id; () for none), after which a row stops;
+    pad_token_id, which fills a row after its EOS (default config.pad_token_id, else
+    0); callback, called as callback(step, tokens (batch,), done (batch,)) with NumPy
+    arrays after each step, in order, from inside the compiled loop (streaming);
+    dtype, the compute dtype (default the embedding's); impl, the scan for the prefill
+    and the decoding steps (see `decode_step`), None for the fastest forward:
     "recurrent" on CPUs, else "auto".
 
     Returns GenerationOutput(tokens (batch, max_new_tokens) int32, lengths (batch,),
     the final cache). The cache buffers are donated to the compiled loop, which is
     cached per (config, shapes, sampling settings, callback).
     """
-    args, static = prepare_generate(
-        params, config, input_ids, max_new_tokens=max_new_tokens, key=key, mask=mask,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, callback=callback, dtype=dtype, impl=impl)
+    args, static = prepare_generate(params, config, input_ids, **options)
     return _generate(*args, **static)

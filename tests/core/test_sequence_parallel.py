@@ -5,7 +5,8 @@ shard_map) against the single-device model: logits, the cross-entropy and the
 gradient of every parameter (float32, 1e-5 relative), with the sequence alone or
 combined with data and tensor axes, over two mesh axes, conv kernels 3 and 4 and
 configs with and without the conv and linear biases; a warm cache, left padding and
-inputs_embeds; and the errors for bad splits and axes.
+inputs_embeds; with `ShardedScan` running each device's block of the scan inside;
+and the errors for bad splits and axes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mamba_ssm_core import (
     MambaCache,
     MambaConfig,
     MixerState,
+    ShardedScan,
     forward,
     init_cache,
     init_params,
@@ -59,10 +61,15 @@ LAYOUTS = {
     "data 2 x tensor 2 x seq 2": (
         {"data": 2, "tensor": 2, "seq": 2}, dict(sequence_axis="seq"),
         dict(data_axis="data", tensor_axis="tensor")),
+    # ... with the scan run on each device's block of batch and channels (ShardedScan)
+    "data 2 x tensor 2 x seq 2, ShardedScan": (
+        {"data": 2, "tensor": 2, "seq": 2}, dict(sequence_axis="seq"),
+        dict(data_axis="data", tensor_axis="tensor")),
     "seq over 2 axes": (
         {"data": 2, "s1": 2, "s2": 2}, dict(sequence_axis=("s1", "s2"), batch_axis="data"), None),
 }
-CASES = [("k4", name) for name in LAYOUTS] + [("k3", "seq 8"), ("k3", "data 2 x tensor 2 x seq 2")]
+CASES = [("k4", name) for name in LAYOUTS] + [("k3", "seq 8"),
+                                              ("k3", "data 2 x tensor 2 x seq 2, ShardedScan")]
 
 
 def _tokens(config, seed, batch=BATCH, length=LENGTH):
@@ -114,6 +121,8 @@ def test_logits_loss_and_gradients_match_one_device(single_device, config_name, 
     if param_axes is not None:
         params = jax.device_put(params, param_shardings(params, mesh, **param_axes))
         tokens = jax.device_put(tokens, NamedSharding(mesh, P("data", None)))
+    if layout.endswith("ShardedScan"):
+        kw = dict(kw, impl=ShardedScan(mesh, batch_axis="data", channel_axis="tensor"))
     step = _loss_fn(lambda p, ids: sequence_parallel_forward(p, config, ids, mesh=mesh, **kw))
     (loss, logits), grads = step(params, tokens)
 

@@ -22,6 +22,7 @@ from mamba_ssm_core import (
     ChunkedScan,
     PallasTpuScan,
     PallasTritonScan,
+    ShardedScan,
     batch_sharding,
     make_mesh,
     optimizer_state_shardings,
@@ -124,11 +125,17 @@ def _run(scan_fn, x: dict):
     return y, h, grads
 
 
-def _check_same(x: dict, mesh, layout: dict, impl) -> None:
-    y0, h0, g0 = _run(lambda *a, **k: selective_scan(*a, **k, impl=impl), x)
-    y1, h1, g1 = _run(
-        lambda *a, **k: sharded_selective_scan(*a, **k, mesh=mesh, **layout, impl=impl), x
-    )
+def _check_same(x: dict, mesh, layout: dict, impl, *, sharded: bool = True) -> None:
+    """sharded_selective_scan(mesh, layout, impl) against selective_scan(impl); with
+    sharded=False, selective_scan(impl) (a ShardedScan) against the reference."""
+    ref = impl if sharded else "reference"
+    y0, h0, g0 = _run(lambda *a, **k: selective_scan(*a, **k, impl=ref), x)
+    if sharded:
+        y1, h1, g1 = _run(
+            lambda *a, **k: sharded_selective_scan(*a, **k, mesh=mesh, **layout, impl=impl), x
+        )
+    else:
+        y1, h1, g1 = _run(lambda *a, **k: selective_scan(*a, **k, impl=impl), x)
     errors = {"y": oracle.rel_err(y1, y0), "final_state": oracle.rel_err(h1, h0)}
     errors |= {f"d{k}": oracle.rel_err(g1[k], g0[k]) for k in g0}
     assert set(g1) == set(g0) == {k for k in DIFF_ARGS if x[k] is not None}
@@ -277,6 +284,29 @@ def test_shared_checks_name_this_op(mesh):
         _call(mesh, {**x, "delta": x["delta"].astype(jnp.bfloat16)})
     with pytest.raises(ValueError, match=r"^sharded_selective_scan: unknown impl 'nope'"):
         sharded_selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], mesh=mesh, impl="nope")
+
+
+@pytest.mark.parametrize("layout", [dict(batch_axis="data", channel_axis="model"),
+                                    dict(batch_axis=("data", "seq"))], ids=["batch+channel",
+                                                                             "batch over 2 axes"])
+def test_sharded_scan_impl_matches_unsharded(layout):
+    """ShardedScan as the impl of a jitted selective_scan (as the trainer passes it to the
+    model): each device scans its block, with the mesh's other axes left to XLA."""
+    auto = make_mesh({"data": 2, "model": 2, "seq": 2})
+    _check_same(_inputs(13), None, {}, ShardedScan(auto, inner="chunked", **layout),
+                sharded=False)
+
+
+def test_sharded_scan_impl_errors():
+    auto = make_mesh({"data": 2, "model": 2, "seq": 2})
+    with pytest.raises(ValueError, match=r"^ShardedScan: batch_axis='nope' names no axis"):
+        ShardedScan(auto, batch_axis="nope")
+    with pytest.raises(TypeError, match=r"^ShardedScan: mesh must be a jax.sharding.Mesh"):
+        ShardedScan(None, batch_axis="data")
+    x = _inputs(14, batch=3)
+    with pytest.raises(ValueError, match=r"batch \(3\) must be divisible by the 2 shards"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"],
+                       impl=ShardedScan(auto, batch_axis="data"))
 
 
 def test_mesh_type_checked():

@@ -20,6 +20,7 @@ from .sharding import batch_sharding as batch_sharding
 from .sharding import make_mesh as make_mesh
 from .sharding import optimizer_state_shardings as optimizer_state_shardings
 from .sharding import param_shardings as param_shardings
+from .sharding import ShardedScan as ShardedScan
 from .sharding import sequence_parallel_forward as sequence_parallel_forward
 from .sharding import sharded_selective_scan as sharded_selective_scan
 from .sharding import train_shardings as train_shardings
@@ -127,5 +128,6 @@ __all__ = [
     "optimizer_state_shardings",
     "param_shardings",
     "sequence_parallel_forward",
+    "ShardedScan",
     "train_shardings",
 ]

@@ -206,21 +206,33 @@ def sharded_selective_scan(
             u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids
         )
     layout = _layout(mesh, args, batch_axis, channel_axis, sequence_axis)
+    with _as_this_op():
+        chosen = _scan._resolve(impl, _local_spec(args, layout))
+    y, h = _run_sharded(args, mesh, layout, chosen, bool(delta_softplus), manual=None)
+    return (y, h) if return_final_state else y
+
+
+def _local_spec(args: ScanArgs, layout: ShardLayout) -> ScanSpec:
+    """The call each shard makes: the implementation is chosen (and its limits checked)
+    for these per-shard shapes."""
     b, length, d = args.u.shape
     g = args.B.shape[2]
     kc = layout.size(layout.channel)
-    # The call each shard makes: the implementation is chosen (and its limits
-    # checked) for these per-shard shapes.
-    local = dataclasses.replace(
+    return dataclasses.replace(
         ScanSpec.of(args),
         batch=b // layout.size(layout.batch),
         length=length // layout.size(layout.sequence),
         dim=d // kc,
         groups={"all": g, "split": g // kc, "pick": 1}[layout.group_mode],
     )
-    with _as_this_op():
-        chosen = _scan._resolve(impl, local)
 
+
+def _run_sharded(
+    args: ScanArgs, mesh: Mesh, layout: ShardLayout, chosen: ScanImplementation,
+    delta_softplus: bool, manual: frozenset[str] | None,
+) -> tuple[Array, Array]:
+    """shard_map of `shard_body` over the layout's axes (manual: those axes only, the
+    others left to XLA's partitioner; None: every mesh axis)."""
     specs = _specs(layout)
     names = [k for k, v in args._asdict().items() if v is not None]
     xs = [_place(getattr(args, k), mesh, specs[k]) for k in names]
@@ -228,22 +240,84 @@ def sharded_selective_scan(
     def body(*local_xs):
         given = dict(zip(names, local_xs, strict=True))
         local_args = ScanArgs(**{k: given.get(k) for k in ScanArgs._fields})
-        return shard_body(
-            local_args, impl=chosen, delta_softplus=bool(delta_softplus), layout=layout
-        )
+        return shard_body(local_args, impl=chosen, delta_softplus=delta_softplus, layout=layout)
 
-    y_spec = specs["u"]
-    h_spec = specs["initial_state"]
     # check_vma=False: the per-shard implementation is ordinary single-device code
     # (Pallas kernels included), not written for varying-axis tracking.
-    y, h = jax.shard_map(
+    kw = {} if manual is None else {"axis_names": _with_unit_axes(mesh, manual)}
+    # Inside another shard_map (the sequence-parallel LM) some axes are already manual:
+    # the inner one must name the enclosing context's mesh, which records that.
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and tuple(context.axis_names) == tuple(mesh.axis_names):
+        mesh = context
+    return jax.shard_map(
         body,
         mesh=mesh,
         in_specs=tuple(specs[k] for k in names),
-        out_specs=(y_spec, h_spec),
+        out_specs=(specs["u"], specs["initial_state"]),
         check_vma=False,
+        **kw,
     )(*xs)
-    return (y, h) if return_final_state else y
+
+
+def _with_unit_axes(mesh: Mesh, manual: frozenset[str]) -> frozenset[str]:
+    """`manual` plus the mesh's axes of size 1 not already manual here.
+
+    They split nothing, so the result is the same; leaving them to the partitioner
+    crashed XLA's CPU compiler (jax 0.10, bfloat16 training step on a
+    (1, 1, 2) mesh: "Invalid binary instruction opcode copy").
+    """
+    context = jax.sharding.get_abstract_mesh()
+    taken = set() if context.empty else {
+        n for n, t in zip(context.axis_names, context.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Manual
+    }
+    unit = {n for n in mesh.axis_names if int(mesh.shape[n]) == 1 and n not in taken}
+    return frozenset(manual | unit)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedScan(ScanImplementation):
+    """A scan implementation that runs `inner` on each device's block of a mesh.
+
+    For a model traced under `jax.jit` with its activations laid out over `mesh` (e.g.
+    `impl=ShardedScan(mesh, batch_axis="data", channel_axis="tensor")` in `forward`):
+    XLA's partitioner splits plain JAX ops, but not a Pallas kernel, whose inputs it
+    would gather onto every device. This runs the scan under `jax.shard_map` over
+    batch_axis and channel_axis (manual there, every other mesh axis left to the
+    partitioner), as `sharded_selective_scan` does. The axes must be Auto axes not
+    already manual where it runs (inside `sequence_parallel_forward`, the batch and
+    tensor axes, not the sequence axis). `inner` is chosen for the per-shard shapes.
+    """
+
+    name = "sharded"
+    mesh: Mesh | None = None
+    batch_axis: AxisNames = None
+    channel_axis: AxisNames = None
+    inner: str | ScanImplementation = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(f"ShardedScan: mesh must be a jax.sharding.Mesh, got "
+                            f"{type(self.mesh).__name__}")
+        _rule_axes("ShardedScan", self.mesh, batch_axis=self.batch_axis,
+                   channel_axis=self.channel_axis)
+        if isinstance(self.inner, ShardedScan):
+            raise TypeError("ShardedScan: inner must be a per-device implementation, got "
+                            "another ShardedScan")
+
+    def unsupported(self, spec: ScanSpec, platform: str) -> str | None:
+        return None  # checked per shard, when the shard shapes are known
+
+    def __call__(self, args: ScanArgs, *, delta_softplus: bool) -> tuple[Array, Array]:
+        layout = _layout(self.mesh, args, self.batch_axis, self.channel_axis, None)
+        if layout.size(layout.batch) * layout.size(layout.channel) == 1:
+            return _scan._resolve(self.inner, ScanSpec.of(args))(
+                args, delta_softplus=delta_softplus)
+        with _as_this_op():
+            chosen = _scan._resolve(self.inner, _local_spec(args, layout))
+        return _run_sharded(args, self.mesh, layout, chosen, delta_softplus,
+                            manual=frozenset((*layout.batch, *layout.channel)))
 
 
 # ---------------------------------------------------------------- training layouts
@@ -450,8 +524,9 @@ def _sequence_parallel_fn(
     # check_vma=False: the scan implementations are single-device code (see
     # sharded_selective_scan); gradients of the replicated parameters are summed
     # over the manual axes by shard_map's transpose.
+    manual = _with_unit_axes(mesh, frozenset((*seq, *batch)))
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
-                                 axis_names=frozenset((*seq, *batch)), check_vma=False))
+                                 axis_names=manual, check_vma=False))
 
 
 def sequence_parallel_forward(

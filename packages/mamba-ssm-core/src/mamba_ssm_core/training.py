@@ -18,7 +18,8 @@
   step on a device mesh (`sharding.make_mesh`, axes "data", "fsdp", "tensor", "seq"):
   parameters and optimizer state laid out by `sharding.train_shardings`, each batch
   split over data x fsdp, and `jax.jit` with those in/out shardings (XLA's
-  partitioner does the rest); a seq axis splits every window's length
+  partitioner does the rest, but the selective scan runs on each device's block,
+  `sharding.ShardedScan`); a seq axis splits every window's length
   (`sharding.sequence_parallel_forward`), so a window longer than one device's
   memory trains.
   Batches are placed with `jax.make_array_from_process_local_data`, checkpoints
@@ -62,8 +63,10 @@ from .checkpoint import load_pretrained, save_pretrained
 from .config import MambaConfig
 from .model import forward
 from .params import abstract_params, cast_params, check_params, flatten, init_params, unflatten
+from ._scan_common import ScanImplementation
 from .sharding import (
     AxisNames,
+    ShardedScan,
     TrainShardings,
     make_mesh,
     sequence_parallel_forward,
@@ -337,7 +340,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def _logits(
     params: Params, model_config: MambaConfig, input_ids: Array, *, dtype: Any, remat: bool,
-    impl: str, mesh: Mesh | None, sequence_axis: AxisNames,
+    impl: str | ScanImplementation, mesh: Mesh | None, sequence_axis: AxisNames,
 ) -> Array:
     """`model.forward`'s logits, or `sequence_parallel_forward`'s with a sequence axis."""
     if sequence_axis is None:
@@ -357,7 +360,7 @@ def lm_loss(
     weights: Float[Array, "batch length"] | None = None,
     dtype: Any = jnp.float32,
     remat: bool = False,
-    impl: str = "auto",
+    impl: str | ScanImplementation = "auto",
     mesh: Mesh | None = None,
     sequence_axis: AxisNames = None,
 ) -> Float[Array, ""]:
@@ -391,7 +394,7 @@ def evaluate_bits_per_byte(
     seq_len: int = 512,
     batch_size: int = 16,
     dtype: Any = jnp.float32,
-    impl: str = "auto",
+    impl: str | ScanImplementation = "auto",
     batch_sharding: NamedSharding | None = None,
     sequence_axis: AxisNames = None,
 ) -> float:
@@ -463,15 +466,16 @@ def _global_norm(tree: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def _step_fn(model_config: MambaConfig, config: TrainConfig, mesh: Mesh | None = None,
-             sequence_axis: str | None = None) -> Callable:
+def _step_fn(model_config: MambaConfig, config: TrainConfig, mesh: Mesh | None = None) -> Callable:
     """One optimizer step: (params, opt_state, tokens) -> (params, opt_state, metrics)."""
     dtype = _DTYPES[config.compute_dtype]
     optimizer = make_optimizer(config)
+    impl = config.impl if mesh is None else _mesh_impl(mesh, config.impl)
+    sequence_axis = None if mesh is None else _sequence_axis(mesh)
 
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(lm_loss)(
-            params, model_config, tokens, dtype=dtype, remat=config.remat, impl=config.impl,
+            params, model_config, tokens, dtype=dtype, remat=config.remat, impl=impl,
             mesh=mesh, sequence_axis=sequence_axis)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -498,6 +502,17 @@ def _mesh_names(config: TrainConfig) -> tuple[str, ...]:
 def _sequence_axis(mesh: Mesh) -> str | None:
     """The mesh's "seq" axis if it splits anything."""
     return "seq" if mesh.shape.get("seq", 1) > 1 else None
+
+
+def _mesh_impl(mesh: Mesh, impl: str) -> str | ScanImplementation:
+    """The scan run on each device's block of the batch (data x fsdp) and channels
+    (tensor): XLA's partitioner would gather a Pallas kernel's inputs onto every device."""
+    split = [a for a in ("data", "fsdp", "tensor") if mesh.shape.get(a, 1) > 1]
+    if not split:
+        return impl
+    batch = tuple(a for a in split if a != "tensor")
+    return ShardedScan(mesh, batch_axis=batch or None,
+                       channel_axis="tensor" if "tensor" in split else None, inner=impl)
 
 
 def _mesh_for(model_config: MambaConfig, config: TrainConfig) -> Mesh:
@@ -570,7 +585,7 @@ def _make_sharded_step(model_config: MambaConfig, config: TrainConfig,
     sh = train_shardings(mesh, shapes, jax.eval_shape(optimizer.init, shapes), **axes)
     # The batch is placed whole along the length (seq_len + 1 tokens); the forward's
     # shard_map splits the inputs' seq_len steps over the seq axis.
-    step = _step_fn(model_config, config, mesh, _sequence_axis(mesh))
+    step = _step_fn(model_config, config, mesh)
     donate = () if jax.default_backend() == "cpu" else (0, 1)
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(sh.params, sh.opt_state, sh.batch),
@@ -827,7 +842,7 @@ def train(
     if mesh is None:
         step_fn = _make_step(model_config, step_config)
         place_batch = jnp.asarray
-        eval_kw: dict[str, Any] = {}
+        eval_kw: dict[str, Any] = {"impl": config.impl}
     else:
         step_fn, sh = _make_sharded_step(model_config, step_config, mesh)
         params, opt_state = _place(params, sh.params), _place(opt_state, sh.opt_state)
@@ -836,7 +851,7 @@ def train(
             return _place_batch(batch, sh.batch)
         eval_kw = {"batch_sharding": sh.batch,
                    "batch_size": math.lcm(16, config.mesh[0] * config.mesh[1]),
-                   "sequence_axis": _sequence_axis(mesh)}
+                   "sequence_axis": _sequence_axis(mesh), "impl": _mesh_impl(mesh, config.impl)}
 
     bar = _Progress(config.steps, progress and lead)
 
@@ -850,7 +865,7 @@ def train(
             return
         t0 = time.perf_counter()
         bpb = evaluate_bits_per_byte(params, model_config, heldout, seq_len=config.seq_len,
-                                     dtype=compute_dtype, impl=config.impl, **eval_kw)
+                                     dtype=compute_dtype, **eval_kw)
         emit({"step": step, "eval_bpb": bpb, "eval_tokens": int(heldout.size - 1),
               "eval_s": round(time.perf_counter() - t0, 3)})
         bar.note(f"step {step}: held-out {bpb:.4f} bits/byte")

@@ -228,7 +228,8 @@ def main(argv=None) -> int:
                                   timeout=max(left - 5, 10))
             out = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
-            out = (e.stdout or "") + (e.stderr or "") if isinstance(e.stdout, str) else ""
+            # (always bytes, text=True or not)
+            out = b"".join(x for x in (e.stdout, e.stderr) if x).decode(errors="replace")
             out += "\nTIMEOUT"
         with open(log_path, "a") as f:
             f.write(f"==== {name}: {' '.join(cmd[1:])}\n{out}\n")

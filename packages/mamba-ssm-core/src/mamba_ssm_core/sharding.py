@@ -14,7 +14,9 @@ sequence longer than one device's memory runs, and trains, across devices.
 `param_shardings`, `optimizer_state_shardings`, `batch_sharding` and
 `train_shardings` lay the LM's parameters, optimiser state and token batches out
 over data, FSDP and tensor (channel) axes (rules in `_sharding_params`); `jax.jit`
-and XLA's partitioner do the rest. `make_mesh` builds a mesh for them.
+and XLA's partitioner do the rest, except the scan: `ShardedScan`, passed as the
+model's `impl`, runs it on each device's block, as the partitioner cannot split a
+Pallas kernel. `make_mesh` builds a mesh for them.
 """
 
 from __future__ import annotations

@@ -172,6 +172,18 @@ def measure(impl, args, dy, *, do_fwd=True, do_bwd=True, budget_s=1.0):
     return res
 
 
+def bwd_launches(impl, b, length, d, n, dtype) -> int | None:
+    """How many sequential launches pallas_triton's backward makes for this shape."""
+    impl = m.PallasTritonScan() if isinstance(impl, str) else impl
+    s = m.ScanSpec(batch=b, length=length, dim=d, state=n, groups=1, dtype=dtype, has_z=True,
+                   has_segments=False)
+    try:
+        return impl.kernel_config(s, softplus=True, has_D=True, has_bias=True,
+                                  has_h0=False).bwd_splits
+    except (AttributeError, TypeError, ValueError):  # an older kernel without the option
+        return None
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
@@ -206,6 +218,8 @@ def run_table(ns, rec: Recorder, bw: float, triton_impl=None):
                                dtype=dtype, fwd_bytes=fb_bytes[0], fb_bytes=fb_bytes[1])
                     if impl is not name:
                         row["config"] = repr(impl)
+                    if name == "pallas_triton":
+                        row["bwd_launches"] = bwd_launches(impl, b, l, d, n, dtype)
                     for k in ("fwd_ms", "fb_ms", "peak_gb", "error"):
                         if k in r:
                             row[k] = r[k]

@@ -12,6 +12,7 @@ Three groups:
 
 from __future__ import annotations
 
+import dataclasses
 import unittest.mock
 
 import jax
@@ -223,6 +224,67 @@ def test_interpret_backward_reference_switch():
     check_grads(gk, gref, "float32", 1e-5)
 
 
+def assert_same_grads(got, want, what, *, dA_ulps=0):
+    """Equal bits, except dA within dA_ulps float32 roundings of its scale."""
+    assert set(got) == set(want)
+    for k in want:
+        g, w = np.asarray(got[k]), np.asarray(want[k])
+        if k == "A" and dA_ulps:
+            tol = dA_ulps * np.finfo(np.float32).eps * float(np.max(np.abs(w)))
+            np.testing.assert_allclose(g, w, rtol=0, atol=tol, err_msg=f"dA, {what}")
+        else:
+            np.testing.assert_array_equal(g, w, err_msg=f"d{k}, {what}")
+
+
+def launches(impl, b, length, d, n, groups=1, dtype="float32"):
+    """(first tile, tiles) of each backward launch `impl` makes for this call."""
+    cfg = impl.kernel_config(
+        spec(batch=b, length=length, dim=d, state=n, groups=groups, dtype=dtype),
+        softplus=True, has_D=True, has_bias=True, has_h0=True)
+    return pt._bwd_ranges(cfg)
+
+
+def test_interpret_split_backward():
+    """The backward in sequential launches over ranges of tiles: the same gradients as
+    one launch, bit for bit, and the reference VJP's. Length 37 in 8-step tiles is 5
+    tiles (the last partly past the end)."""
+    rng = np.random.default_rng(30)
+    inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2)
+    x = to_jax(inp, "float32")
+    kw = dict(tile_l=8)
+    assert launches(interp(**kw), 2, 37, 12, 5, 2) == [(0, 5)]  # tiny: not split by default
+    one = grads(interp(bwd_splits=1, **kw), x, seg, np.random.default_rng(31))
+    for k, ranges in ((2, [(3, 2), (0, 3)]), (3, [(4, 1), (2, 2), (0, 2)])):
+        assert launches(interp(bwd_splits=k, **kw), 2, 37, 12, 5, 2) == ranges
+        got = grads(interp(bwd_splits=k, **kw), x, seg, np.random.default_rng(31))
+        assert_same_grads(got, one, f"bwd_splits={k}", dA_ulps=4)  # see the test below
+    gr = grads("reference", x, seg, np.random.default_rng(31))
+    check_grads(got, gr, "float32", 1e-5)
+
+
+def test_interpret_split_backward_no_options():
+    """The split backward without z, D, delta bias, softplus, initial state or segments
+    (the carried sums and aliased gradients that do not exist), bfloat16, 2 groups."""
+    rng = np.random.default_rng(32)
+    inp, _ = make_inputs(rng, 1, 19, 8, 4, groups=2, dtype="bfloat16", segments=False)
+    for k in ("z", "D", "delta_bias", "initial_state"):
+        del inp[k]
+    inp["delta"] = np.abs(inp["delta"])  # no softplus: keep the steps positive
+    x = to_jax(inp, "bfloat16")
+    # 5 tiles of 4 steps; 4 launches asked: ranges of 2 tiles, so 3 launches
+    kw = dict(block_d=4, tile_l=4, bwd_splits=4)
+    assert launches(interp(**kw), 1, 19, 8, 4, 2, "bfloat16") == [(4, 1), (2, 2), (0, 2)]
+    one = grads(interp(block_d=4, tile_l=4, bwd_splits=1), x, None, np.random.default_rng(33),
+                softplus=False)
+    got = grads(interp(**kw), x, None, np.random.default_rng(33), softplus=False)
+    # The interpreter's dA sum (a * b + c per step, in XLA:CPU code compiled for each
+    # launch's loop) can round differently in the last bit across loop lengths; on
+    # the GPU it is one fma.rn instruction and the GPU test asserts equal bits.
+    assert_same_grads(got, one, "bwd_splits=4", dA_ulps=4)
+    gr = grads("reference", x, None, np.random.default_rng(33), softplus=False)
+    check_grads(got, gr, "bfloat16", 2e-2)
+
+
 def test_interpret_under_jit_and_vmap():
     rng = np.random.default_rng(11)
     inp, _ = make_inputs(rng, 1, 8, 4, 2, segments=False)
@@ -280,6 +342,7 @@ def test_unsupported_shapes_have_reasons():
         ({"tile_l": 8, "unroll": 16}, "tile_l .* multiple of unroll"),
         ({"backward": "autodiff"}, "backward must be one of"),
         ({"num_stages": 0}, "num_stages"),
+        ({"bwd_splits": 0}, "bwd_splits must be None or an int >= 1"),
     ],
 )
 def test_config_validation(kw, msg):
@@ -295,6 +358,35 @@ def test_kernel_config_pads_and_caps():
     # 6 channels a group -> blocks of 8, state 5 -> 8, tile shrunk to the sequence
     assert (cfg.block_d, cfg.blocks_per_group, cfg.state) == (8, 1, 8)
     assert cfg.tile * cfg.n_tiles >= 37 and cfg.masked
+
+
+@pytest.mark.parametrize("dtype, length, state, splits", [
+    # partial sums (2 x 8 x 64 blocks x L x N float32) against u's bytes / 4
+    ("float32", 8192, 16, 4), ("bfloat16", 8192, 16, 8), ("float32", 2048, 16, 4),
+    ("bfloat16", 2048, 16, 8),
+    ("float32", 64, 16, 1),  # 4 MiB of partial sums: not split
+    ("float32", 2048, 256, 16),  # 64 would be wanted: capped
+])
+def test_kernel_config_backward_splits(dtype, length, state, splits):
+    s = spec(batch=8, dim=2048, length=length, state=state, dtype=dtype)
+    cfg = PallasTritonScan().kernel_config(s, softplus=True, has_D=True, has_bias=True,
+                                           has_h0=False)
+    assert cfg.bwd_splits == splits
+    # explicit: kept, but never more launches than tiles
+    fixed = PallasTritonScan(bwd_splits=3).kernel_config(s, softplus=True, has_D=True,
+                                                         has_bias=True, has_h0=False)
+    assert fixed.bwd_splits == min(3, fixed.n_tiles)
+    # 10 tiles asked in 6 launches: ranges of 2 tiles, so 5 launches
+    assert PallasTritonScan(bwd_splits=6).kernel_config(
+        spec(length=640), softplus=True, has_D=True, has_bias=True, has_h0=False
+    ).bwd_splits == 5
+    # contiguous ranges covering every tile once, the last range first
+    for c in (cfg, fixed, dataclasses.replace(cfg, bwd_splits=cfg.n_tiles)):
+        ranges = pt._bwd_ranges(c)
+        assert len(ranges) == c.bwd_splits and all(n >= 1 for _, n in ranges)
+        ends = [first + n for first, n in ranges]
+        assert ends[0] == c.n_tiles and ranges[-1][0] == 0
+        assert [first for first, _ in ranges[:-1]] == ends[1:]
 
 
 @pytest.mark.parametrize("dtype, state, a_rows, infer_unroll", [
@@ -350,13 +442,22 @@ def test_lowers_for_h100(dtype, length, state, groups):
 
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100", num_cores=132, platform="cuda"))
+    s = ScanSpec(batch=b, length=length, dim=d, state=state, groups=groups or 1, dtype=dtype,
+                 has_z=True, has_segments=True)
+    splits = PallasTritonScan().kernel_config(s, softplus=True, has_D=True, has_bias=True,
+                                              has_h0=True).bwd_splits
+    assert splits > 1  # these shapes exercise the split backward
     # The CPU platform would be refused: lift `unsupported` to reach the lowering.
     with jax.sharding.use_abstract_mesh(mesh), unittest.mock.patch.object(
         pt.PallasTritonScan, "unsupported", lambda *a: None
     ):
-        for fn, kernels in ((f, 1), (fb, 2)):
+        for fn, kernels in ((f, 1), (fb, 1 + splits)):
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
+    # each launch but the last waits for the previous range's reduced partial sums,
+    # and the launches after the first update du, d_delta and dz in place
+    assert text.count("stablehlo.optimization_barrier") == splits - 1
+    assert text.count("#stablehlo.output_operand_alias<") == 3 * (splits - 1)
 
 
 # ----------------------------------------------------------------------------
@@ -418,9 +519,41 @@ def test_gpu_backward_is_deterministic_and_auto_picks_a_kernel():
     g2 = grads("pallas_triton", x, seg, np.random.default_rng(1))
     for k in g1:
         np.testing.assert_array_equal(np.asarray(g1[k]), np.asarray(g2[k]), err_msg=k)
+    # 16 tiles in 3 launches (6 + 6 + 4): the same bits as the one launch of the default
+    assert pt._bwd_ranges(PallasTritonScan(bwd_splits=3).kernel_config(
+        spec(batch=2, length=1024, dim=256, dtype="bfloat16"), softplus=True, has_D=True,
+        has_bias=True, has_h0=True)) == [(12, 4), (6, 6), (0, 6)]
+    assert_same_grads(grads(PallasTritonScan(bwd_splits=3), x, seg, np.random.default_rng(1)),
+                      g1, "bwd_splits=3")
     s = spec(batch=8, length=2048, dim=2048, dtype="bfloat16")
     assert PallasTritonScan().unsupported(s, "gpu") is None
     assert auto_implementation(s)[0] != "chunked"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_split_backward_frees_partial_sums():
+    """XLA frees each launch's dB/dC partial sums before the next launch allocates its
+    own: the forward+backward executable's memory falls by about 3/4 of them with 4
+    launches."""
+    b, length, d, n = 2, 4096, 512, 16
+    seq, bc = jnp.zeros((b, length, d)), jnp.zeros((b, length, n))
+    args = [seq, seq, -jnp.ones((d, n)), bc, bc, jnp.zeros((d,)), seq, jnp.zeros((d,))]
+
+    def peak(splits):
+        impl = PallasTritonScan(bwd_splits=splits)
+
+        def fb(args, dy):
+            y, vjp = jax.vjp(lambda *a: selective_scan(
+                *a[:6], z=a[6], delta_bias=a[7], delta_softplus=True, impl=impl), *args)
+            return vjp(dy)
+
+        ma = jax.jit(fb).lower(args, args[0]).compile().memory_analysis()
+        return ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+
+    partials = 2 * b * (d // 32) * length * n * 4  # dB and dC, 32-channel blocks
+    saved = peak(1) - peak(4)
+    assert saved >= 0.6 * partials, (saved, partials)
 
 
 @pytest.mark.gpu

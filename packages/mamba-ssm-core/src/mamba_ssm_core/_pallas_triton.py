@@ -14,8 +14,13 @@ Per tile they recompute the states at the start of each sub-tile of
 in reverse, recomputing that sub-tile's states in registers and running the
 adjoint recurrence. Parameter gradients leave each program as partial sums
 (per batch row, per channel block) that XLA sums afterwards: no atomics, so the
-result is deterministic. `backward="reference"` swaps in the VJP of the
-sequential `lax.scan` for checking.
+result is deterministic. The dB and dC partial sums, (batch, channel blocks,
+length, state) float32, are the backward's largest buffer; so the backward runs
+as `bwd_splits` sequential launches over ranges of tiles, the last range first,
+carrying the state's cotangent and the dA, dD and delta-bias sums between them,
+and each range's partial sums are reduced before the next launch allocates its
+own (the arithmetic is the same as in one launch, bit for bit).
+`backward="reference"` swaps in the VJP of the sequential `lax.scan` for checking.
 
 Layouts inside the kernels: the state is (state, channels) with the channels
 last. Triton picks the register layout from the kernel's 2D loads and stores:
@@ -109,6 +114,7 @@ class _Kernel:
     prefetch: bool  # forward: load the next sub-tile's rows before computing this one
     bwd_prefetch: bool
     keep_decay: bool  # backward: keep a sub-tile's decays in registers (else recompute)
+    bwd_splits: int  # backward launches, each over a range of whole tiles (see _backward_impl)
     fill_unroll: int  # backward: steps a workspace-filling iteration walks
     backward: str
     fast_math: bool  # MUFU instructions for exp2, exp and reciprocals (see _asm)
@@ -351,6 +357,15 @@ def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
         "h0": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
         "dhlast": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
         "ck": pl.BlockSpec((None, cfg.n_tiles, N, bd), lambda b, j: (b, 0, 0, j)),
+        # backward launches: where each starts, the sums carried in, and (after the
+        # first launch) the gradients so far, aliased to the outputs, which gain rows
+        "first": pl.BlockSpec((1,), lambda b, j: (0,)),
+        "accA": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
+        "accD": pl.BlockSpec((None, bd), lambda b, j: (b, j)),
+        "accbias": pl.BlockSpec((None, bd), lambda b, j: (b, j)),
+        "du_in": seq,
+        "ddt_in": seq,
+        "dz_in": seq,
     }
     return [specs[n] for n in names]
 
@@ -391,8 +406,28 @@ _forward = jax.jit(_forward_impl, static_argnums=(0, 1))
 # Backward kernel.
 
 
-def _bwd_kernel(cfg: _Kernel, *refs):
-    ins, rest = _unpack(refs, (*_input_names(cfg), ("ck", True), ("dy", True), ("dhlast", True)))
+def _bwd_input_names(cfg: _Kernel, chained: bool):
+    return (
+        *_input_names(cfg),
+        ("ck", True),
+        ("dy", True),
+        ("dhlast", True),
+        ("first", True),
+        ("accA", True),
+        ("accD", cfg.has_D),
+        ("accbias", cfg.has_bias),
+        ("du_in", chained),
+        ("ddt_in", chained),
+        ("dz_in", chained and cfg.has_z),
+    )
+
+
+def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
+    """One backward launch over `tiles` tiles from tile `first` (an input, so that
+    every launch of the same length runs the same kernel). dhlast and acc* carry the
+    state's cotangent and the dA, dD, dbias sums in from the later launches; dB and
+    dC rows are indexed from the launch's first step."""
+    ins, rest = _unpack(refs, _bwd_input_names(cfg, chained))
     du_ref, ddt_ref, *rest = rest
     dz_ref = rest.pop(0) if cfg.has_z else None
     dA_ref, dB_ref, dC_ref, dh0_ref, ws_ref, *rest = rest
@@ -400,8 +435,11 @@ def _bwd_kernel(cfg: _Kernel, *refs):
     dbias_ref = rest.pop(0) if cfg.has_bias else None
     K = cfg.bwd_unroll
     n_sub = cfg.tile // K
-    n_all = cfg.n_tiles * n_sub
-    bd, N = cfg.bwd_block_d, cfg.state
+    n_all = tiles * n_sub
+    first = ins["first"][0]
+    s_end = (first + tiles) * n_sub  # one past the launch's last sub-tile
+    t_lo = first * cfg.tile
+    bd = cfg.bwd_block_d
     fill_names = ("u", "dt", "B", "keep")
     all_names = ("u", "dt", "z", "dy", "B", "C", "keep")
 
@@ -485,7 +523,7 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         return _load_rows(ins, s * K, K, all_names, cfg, cfg.bwd_prefetch)
 
     def body(i, carry):
-        s = n_all - 1 - i  # sub-tiles in reverse
+        s = s_end - 1 - i  # sub-tiles in reverse
         m = jax.lax.rem(s, n_sub)
         if cfg.bwd_prefetch:
             acc, rows = carry
@@ -512,13 +550,18 @@ def _bwd_kernel(cfg: _Kernel, *refs):
             _store_row(ddt_ref, t, o["ddt"].astype(ddt_ref.dtype), cfg)
             if dz_ref is not None:
                 _store_row(dz_ref, t, o["dz"].astype(dz_ref.dtype), cfg)
-            dB_ref[t] = o["dB"]
-            dC_ref[t] = o["dC"]
+            dB_ref[t - t_lo] = o["dB"]
+            dC_ref[t - t_lo] = o["dC"]
         return (acc, nxt) if cfg.bwd_prefetch else acc
 
     zeros_d = jnp.zeros((bd,), _F32)
-    acc = (ins["dhlast"][...], jnp.zeros((N, bd), _F32), zeros_d, zeros_d)
-    out = jax.lax.fori_loop(0, n_all, body, (acc, load(n_all - 1)) if cfg.bwd_prefetch else acc)
+    acc = (
+        ins["dhlast"][...],
+        ins["accA"][...],
+        ins["accD"][...] if cfg.has_D else zeros_d,
+        ins["accbias"][...] if cfg.has_bias else zeros_d,
+    )
+    out = jax.lax.fori_loop(0, n_all, body, (acc, load(s_end - 1)) if cfg.bwd_prefetch else acc)
     g, acc_A, acc_D, acc_bias = out[0] if cfg.bwd_prefetch else out
     dh0_ref[...] = g
     dA_ref[...] = acc_A
@@ -528,22 +571,35 @@ def _bwd_kernel(cfg: _Kernel, *refs):
         dbias_ref[...] = acc_bias
 
 
-def _backward_impl(cfg: _Kernel, res, cts):
-    u, dt, z, A, B, C, D, bias, keep, h0, ck = res
-    dy, dhlast = cts
-    batch, L, dp = u.shape
+def _bwd_launch(cfg: _Kernel, first: int, tiles: int, given: dict, prev: dict | None):
+    """One backward launch over tiles [first, first + tiles): a dict of its outputs.
+
+    prev: the previous (later-in-time) launch's outputs, or None for the first launch.
+    The per-channel-block dB and dC partial sums cover only this launch's steps:
+    (batch, blocks, tiles * tile, state)."""
+    batch, L, dp = given["u"].shape
     N, bd = cfg.state, cfg.bwd_block_d
     nblk = dp // bd
-    groups = B.shape[2]
-    Lp = cfg.n_tiles * cfg.tile
     n_sub = cfg.tile // cfg.bwd_unroll
-    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, ck=ck, dy=dy,
-                 dhlast=dhlast)
-    names = [n for n, f in (*_input_names(cfg), ("ck", 1), ("dy", 1), ("dhlast", 1)) if f]
+    Lr = tiles * cfg.tile
+    chained = prev is not None
+    ins = dict(given, first=jnp.full((1,), first, jnp.int32))
+    if chained:
+        ins.update(dhlast=prev["dh0"], accA=prev["dA"], accD=prev.get("dD"),
+                   accbias=prev.get("dbias"), du_in=prev["du"], ddt_in=prev["ddt"],
+                   dz_in=prev.get("dz"))
+    else:
+        ins.update(accA=jnp.zeros((batch, N, dp), _F32))
+        if cfg.has_D:
+            ins["accD"] = jnp.zeros((batch, dp), _F32)
+        if cfg.has_bias:
+            ins["accbias"] = jnp.zeros((batch, dp), _F32)
+    names = [n for n, f in _bwd_input_names(cfg, chained) if f]
     seq_spec = pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j))
     state_spec = pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j))
-    part_spec = pl.BlockSpec((None, None, Lp, N), lambda b, j: (b, j, 0, 0))
+    part_spec = pl.BlockSpec((None, None, Lr, N), lambda b, j: (b, j, 0, 0))
     chan_part = pl.BlockSpec((None, bd), lambda b, j: (b, j))
+    u, dt, z = given["u"], given["dt"], given["z"]
     out = [
         ("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq_spec),
         ("ddt", jax.ShapeDtypeStruct(dt.shape, dt.dtype), seq_spec),
@@ -552,8 +608,8 @@ def _backward_impl(cfg: _Kernel, res, cts):
         out.append(("dz", jax.ShapeDtypeStruct(z.shape, z.dtype), seq_spec))
     out += [
         ("dA", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
-        ("dB", jax.ShapeDtypeStruct((batch, nblk, Lp, N), _F32), part_spec),
-        ("dC", jax.ShapeDtypeStruct((batch, nblk, Lp, N), _F32), part_spec),
+        ("dB", jax.ShapeDtypeStruct((batch, nblk, Lr, N), _F32), part_spec),
+        ("dC", jax.ShapeDtypeStruct((batch, nblk, Lr, N), _F32), part_spec),
         ("dh0", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
         ("ws", jax.ShapeDtypeStruct((batch, nblk, n_sub, N, bd), _F32),
          pl.BlockSpec((None, None, n_sub, N, bd), lambda b, j: (b, j, 0, 0, 0))),
@@ -562,32 +618,68 @@ def _backward_impl(cfg: _Kernel, res, cts):
         out.append(("dD", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
     if cfg.has_bias:
         out.append(("dbias", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
-    res_out = pl.pallas_call(
-        functools.partial(_bwd_kernel, cfg),
+    # The gradients so far are updated in place: a launch writes only its own rows.
+    aliases = {names.index(n + "_in"): i for i, n in enumerate(("du", "ddt", "dz"))
+               if chained and n + "_in" in names}
+    res = pl.pallas_call(
+        functools.partial(_bwd_kernel, cfg, tiles, chained),
         out_shape=[o[1] for o in out],
         grid=(batch, nblk),
         in_specs=_in_specs(cfg, bd, cfg.bwd_blocks_per_group, names),
         out_specs=[o[2] for o in out],
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(
             num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages
         ),
         interpret=cfg.interpret,
         name="selective_scan_bwd",
-    )(*[given[n] for n in names])
-    g = dict(zip([o[0] for o in out], res_out, strict=True))
+    )(*[ins[n] for n in names])
+    return dict(zip([o[0] for o in out], res, strict=True))
+
+
+def _bwd_ranges(cfg: _Kernel) -> list[tuple[int, int]]:
+    """(first tile, tiles) of each backward launch, in launch order (the last range first).
+
+    Ranges of ceil(n_tiles / bwd_splits) tiles; the last one in time may be shorter."""
+    per = -(-cfg.n_tiles // cfg.bwd_splits)
+    return [(f, min(per, cfg.n_tiles - f)) for f in reversed(range(0, cfg.n_tiles, per))]
+
+
+def _backward_impl(cfg: _Kernel, res, cts):
+    u, dt, z, A, B, C, D, bias, keep, h0, ck = res
+    dy, dhlast = cts
+    batch, L, dp = u.shape
+    N = cfg.state
+    nblk = dp // cfg.bwd_block_d
+    groups = B.shape[2]
+    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, ck=ck, dy=dy,
+                 dhlast=dhlast)
 
     def reduce_blocks(part, like):
-        # (batch, nblk, Lp, N) -> (batch, L, groups, N): sum the channel blocks of each group.
-        part = part.reshape(batch, groups, nblk // groups, Lp, N).sum(axis=2)
-        return jnp.moveaxis(part, 1, 2)[:, :L].astype(like.dtype)
+        # (batch, nblk, Lr, N) -> (batch, Lr, groups, N): sum the channel blocks of each group.
+        Lr = part.shape[2]
+        part = part.reshape(batch, groups, nblk // groups, Lr, N).sum(axis=2)
+        return jnp.moveaxis(part, 1, 2).astype(like.dtype)
 
+    g, pieces = None, []
+    ranges = _bwd_ranges(cfg)
+    for i, (first, tiles) in enumerate(ranges):
+        g = _bwd_launch(cfg, first, tiles, given, g)
+        piece = (reduce_blocks(g.pop("dB"), B), reduce_blocks(g.pop("dC"), C))
+        if i + 1 < len(ranges):
+            # The next launch takes the state's cotangent only once this range's partial
+            # sums are reduced: their buffer is then free for the next launch's.
+            piece, g["dh0"] = jax.lax.optimization_barrier((piece, g["dh0"]))
+        pieces.insert(0, piece)
+    dB = jnp.concatenate([p[0] for p in pieces], axis=1)[:, :L]
+    dC = jnp.concatenate([p[1] for p in pieces], axis=1)[:, :L]
     return (
         g["du"],
         g["ddt"],
         g["dz"] if cfg.has_z else None,
         g["dA"].sum(axis=0),
-        reduce_blocks(g["dB"], B),
-        reduce_blocks(g["dC"], C),
+        dB,
+        dC,
         g["dD"].sum(axis=0) if cfg.has_D else None,
         g["dbias"].sum(axis=0) if cfg.has_bias else None,
         None,
@@ -686,6 +778,10 @@ class PallasTritonScan(ScanImplementation):
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
       kernel (None: picked from the forward's settings and the state size).
     bwd_fill_unroll: steps per iteration of the backward's state-recomputing walk.
+    bwd_splits: backward launches, each over a range of whole tiles (at most one a
+      tile), so that the dB/dC partial sums of only one range exist at a time; None:
+      enough launches that one range's partial sums take at most a quarter of u's
+      bytes, at most 16 (and no split while they are under 8 MiB in all).
     num_stages: Triton's software-pipelining depth.
     backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
     fast_math: exp2, exp and reciprocals as single PTX approximations (ex2.approx,
@@ -711,6 +807,7 @@ class PallasTritonScan(ScanImplementation):
     bwd_unroll: int | None = None
     bwd_prefetch: bool | None = None
     bwd_fill_unroll: int = 16
+    bwd_splits: int | None = None
     num_stages: int = 1
     backward: str = "kernel"
     fast_math: bool = True
@@ -727,6 +824,12 @@ class PallasTritonScan(ScanImplementation):
             v = getattr(self, field)
             if v is not None and v not in (1, 2, 4, 8, 16):
                 raise ValueError(f"PallasTritonScan: {field} must be 1, 2, 4, 8 or 16, got {v}")
+        if self.bwd_splits is not None and (
+            not isinstance(self.bwd_splits, int) or self.bwd_splits < 1
+        ):
+            raise ValueError(
+                f"PallasTritonScan: bwd_splits must be None or an int >= 1, got {self.bwd_splits!r}"
+            )
         if self.num_stages < 1:
             raise ValueError(f"PallasTritonScan: num_stages must be >= 1, got {self.num_stages}")
         for field in ("unroll", "bwd_unroll"):
@@ -791,6 +894,20 @@ class PallasTritonScan(ScanImplementation):
         step = max(unroll, infer_unroll, bwd_unroll)
         tile = min(self.tile_l, _round_up(spec.length, step))
         n_tiles = -(-spec.length // tile)
+        splits = self.bwd_splits
+        if splits is None:
+            # The dB and dC partial sums, (batch, channel blocks, padded length, N)
+            # float32 each: at dim 2048, 32-channel blocks and N = 16 as large as u in
+            # float32. A quarter of u's bytes a launch keeps them small beside the
+            # (batch, length, dim) tensors the backward must hold anyway. Each further
+            # launch costs a few microseconds, and each is traced and lowered on its
+            # own: hence the cap.
+            dp = spec.groups * dgp
+            partials = 2 * spec.batch * (dp // bwd_bd) * n_tiles * tile * N * 4
+            u_bytes = spec.batch * spec.length * dp * jnp.dtype(spec.dtype).itemsize
+            splits = 1 if partials <= 8 << 20 else min(16, -(-partials // max(1, u_bytes // 4)))
+        splits = min(splits, n_tiles)
+        splits = -(-n_tiles // -(-n_tiles // splits))  # launches that ranges of equal tiles need
         return _Kernel(
             length=spec.length,
             tile=tile,
@@ -815,6 +932,7 @@ class PallasTritonScan(ScanImplementation):
             prefetch=self.prefetch,
             bwd_prefetch=bwd_prefetch,
             keep_decay=per_thread * bwd_unroll <= 64,
+            bwd_splits=splits,
             # a multiple of bwd_unroll that divides the tile, at most bwd_fill_unroll
             fill_unroll=max(f for f in range(bwd_unroll, tile + 1, bwd_unroll)
                             if tile % f == 0 and (f <= self.bwd_fill_unroll or f == bwd_unroll)),

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from mamba_ssm_core import MambaConfig, init_cache, init_params, load_pretrained
-from mamba_ssm_core.generation import Sampling, _generate, generate, process_logits, sample_token
+from mamba_ssm_core.generation import (
+    Sampling,
+    _generate,
+    generate,
+    prepare_generate,
+    process_logits,
+    sample_token,
+)
 
 TINY = MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
                    conv_kernel=4, time_step_rank=3, use_bias=False, use_conv_bias=True,
@@ -105,6 +112,29 @@ def test_final_cache_continues_the_generation(tiny):
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         rest.append(int(tok[0]))
     np.testing.assert_array_equal(np.asarray(whole.tokens)[0, 6:], rest)
+
+
+def test_unrolled_decoding_equals_the_layer_scan(tiny):
+    # CPUs decode with the layers unrolled over per-layer weight copies; accelerators with
+    # the scan over the stacked layers (layers=None): one generation, both ways
+    config, params = tiny
+    prompt = np.array([[5, 6, 7], [9, 10, 11]], np.int32)
+    mask = np.array([[0, 1, 1], [1, 1, 1]], bool)
+
+    def run(unrolled):
+        args, static = prepare_generate(params, config, prompt, mask=mask, max_new_tokens=12,
+                                        key=jax.random.key(3), top_k=20,
+                                        repetition_penalty=1.3, eos_token_id=(1,))
+        assert args[5] is not None  # this suite runs on CPUs
+        return _generate(*args[:5], args[5] if unrolled else None, **static)
+
+    unrolled, scanned = run(True), run(False)
+    np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
+    np.testing.assert_array_equal(unrolled.lengths, scanned.lengths)
+    for a, b in zip(unrolled.cache, scanned.cache, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert a.shape == b.shape and a.dtype == b.dtype
+    assert len(set(np.asarray(unrolled.tokens)[1].tolist())) >= 4  # not a constant stream
 
 
 def test_sampling_is_deterministic_for_a_key(tiny):

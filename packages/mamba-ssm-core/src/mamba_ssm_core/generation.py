@@ -6,9 +6,10 @@ per `lax.while_loop` iteration with the O(1) `decode_step`, the cache buffers do
 to the loop. On CPUs the decoding step runs its layers unrolled over per-layer copies
 of the weights, made once per call (see `_decode_step_unrolled`): about 1.3x the
 tokens/s of the layer scan at the mamba-130m shape, for one more copy of the layer
-weights in memory while generating and a longer compile. Each row stops at its first EOS (later positions hold pad_token_id); the
-loop ends when every row has stopped or max_new_tokens are out. Sampling is greedy
-(temperature 0) or from the processed distribution, and deterministic for a given key.
+weights in memory while generating and a longer compile. Each row stops at its first
+EOS (later positions hold pad_token_id); the loop ends when every row has stopped or
+max_new_tokens are out. Sampling is greedy (temperature 0) or from the processed
+distribution, and deterministic for a given key.
 
 Logit processing, in the order transformers applies it: repetition penalty over the
 tokens seen so far (prompt included; logit / penalty where positive, * penalty where

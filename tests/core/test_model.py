@@ -241,6 +241,34 @@ def test_bad_params_list_every_problem():
     assert "unexpected extra.weight" in msg
 
 
+def test_backbone_needs_no_head_and_lm_head_names_a_missing_one():
+    untied = dataclasses.replace(TINY, tie_word_embeddings=False)
+    params = init_params(jax.random.key(7), untied)
+    ids = _ids(untied, 2, 5)
+    headless = {"backbone": params["backbone"]}
+    np.testing.assert_array_equal(backbone(headless, untied, ids), backbone(params, untied, ids))
+    with pytest.raises(ParamsError, match=r"lm_head: config.tie_word_embeddings is False, so "
+                       r"params needs lm_head.weight of shape \(vocab, hidden\) = \(50, 16\); "
+                       r"it is missing"):
+        forward(headless, untied, ids)
+    bad = {**params, "lm_head": {"weight": params["lm_head"]["weight"][:, :-1]}}
+    with pytest.raises(ParamsError, match=r"it is shape \(50, 15\)"):
+        lm_head(bad, untied, jnp.ones((2, 16)))
+
+
+def test_masks_may_be_numpy_bool_or_int():
+    params = init_params(jax.random.key(9), TINY)
+    ids = _ids(TINY, 2, 6)
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], bool)
+    ref = forward(params, TINY, ids, mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(forward(params, TINY, ids, mask=mask), ref)
+    np.testing.assert_array_equal(forward(params, TINY, ids, mask=mask.astype(np.int32)), ref)
+    cache = init_cache(TINY, 2)
+    want, _ = decode_step(params, TINY, ids[:, 0], cache, mask=jnp.asarray(mask[:, 0]))
+    got, _ = decode_step(params, TINY, ids[:, 0], cache, mask=mask[:, 0])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bad_inputs_are_refused():
     params = init_params(jax.random.key(6), TINY)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=50\), got values in \[0, 50\]"):

@@ -8,7 +8,6 @@ the compute dtype and ssm_state (layers, I, N) float32; vmap it with the batch.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -120,11 +119,7 @@ class MambaModel(eqx.Module):
         for real tokens (left padding). Returns the normalised hidden states (length, H)
         in the compute dtype, and with a cache (hidden, new cache). key is unused."""
         del key
-        # Until the core's backbone checks its parameters with check_params(head=False),
-        # an untied config asks for an lm_head that the backbone never reads; tying
-        # changes nothing else in it.
-        config = dataclasses.replace(self.config, tie_word_embeddings=True)
-        out = backbone(self.to_params(), config, input_ids[None],
+        out = backbone(self.to_params(), self.config, input_ids[None],
                        cache=_batch_cache(cache), mask=None if mask is None else mask[None],
                        impl=self.impl, dtype=self.compute_dtype)
         if cache is None:

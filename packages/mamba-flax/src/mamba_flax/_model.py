@@ -12,7 +12,6 @@ here the stacked mixer's conv_state (layers, *batch, K-1, I) and ssm_state
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -148,11 +147,7 @@ class MambaModel(_convert.CoreModule):
         (prefill, chunked prefill, one-token steps).
 
         Returns the normalised hidden states (*batch, length, H) in the compute dtype."""
-        # Until the core's backbone checks its parameters with check_params(head=False),
-        # an untied config asks for an lm_head that the backbone never reads; tying
-        # changes nothing else in it.
-        config = dataclasses.replace(self.config, tie_word_embeddings=True)
-        hidden, _ = _run(self, backbone, config, self.to_params(), input_ids, inputs_embeds,
+        hidden, _ = _run(self, backbone, self.config, self.to_params(), input_ids, inputs_embeds,
                          mask, decode)
         return hidden
 

@@ -70,9 +70,7 @@ class MambaBackbone(CoreWeights, keras.Model):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        # Tied: the backbone holds no head. (The core's backbone checks whole-LM
-        # parameters until it calls check_params(head=False), so an untied config would
-        # ask for an lm_head it never reads.)
+        # Tied: the backbone holds no head (MambaCausalLM adds one when untied).
         self._config = _config.layer_config(
             vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
             state_size=state_size, expand=expand, conv_kernel=conv_kernel,
@@ -130,7 +128,7 @@ class MambaBackbone(CoreWeights, keras.Model):
         self, token_ids: IdsLike, padding_mask: MaskLike | None = None
     ) -> Float[Array, "batch length hidden"]:
         return backbone(self.to_params(), self._config, token_ids,
-                        mask=_config.as_mask(padding_mask), impl=self.impl,
+                        mask=padding_mask, impl=self.impl,
                         dtype=self.compute_dtype)
 
     def call_with_cache(
@@ -141,7 +139,7 @@ class MambaBackbone(CoreWeights, keras.Model):
         state (prefill), one token the O(1) recurrent update."""
         self._ensure_built()
         return backbone(self.to_params(), self._config, token_ids, cache=cache,
-                        mask=_config.as_mask(padding_mask), impl=self.impl,
+                        mask=padding_mask, impl=self.impl,
                         dtype=self.compute_dtype)
 
     def init_cache(self, batch_size: int) -> MambaCache:

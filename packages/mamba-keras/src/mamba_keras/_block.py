@@ -121,7 +121,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
     ) -> tuple[Float[Array, "batch length hidden"], Float[Array, "batch length hidden"]]:
         hidden, residual = self._cast(hidden, residual)
         out, residual, _ = residual_block(self.to_params(), self._config, hidden, residual,
-                                          mask=_config.as_mask(mask), impl=self.impl)
+                                          mask=mask, impl=self.impl)
         return out, residual
 
     def call_with_state(
@@ -137,7 +137,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         self._ensure_built()
         hidden, residual = self._cast(hidden, residual)
         return residual_block(self.to_params(), self._config, hidden, residual, state=state,
-                              mask=_config.as_mask(mask), impl=self.impl)
+                              mask=mask, impl=self.impl)
 
     def init_state(self, batch_size: int) -> MixerState:
         """A zero decoding state for the mixer (see `MambaMixer.init_state`)."""

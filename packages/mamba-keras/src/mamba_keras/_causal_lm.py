@@ -161,7 +161,7 @@ class MambaCausalLM(CoreWeights, keras.Model):
         self, token_ids: IdsLike, padding_mask: MaskLike | None = None
     ) -> Float[Array, "batch length vocab"]:
         return forward(self.to_params(), self._config, token_ids,
-                       mask=_config.as_mask(padding_mask), impl=self.backbone.impl,
+                       mask=padding_mask, impl=self.backbone.impl,
                        dtype=self.compute_dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -182,7 +182,7 @@ class MambaCausalLM(CoreWeights, keras.Model):
         chunked prefill, or single steps)."""
         self._ensure_built()
         return forward(self.to_params(), self._config, token_ids, cache=cache,
-                       mask=_config.as_mask(padding_mask), impl=self.backbone.impl,
+                       mask=padding_mask, impl=self.backbone.impl,
                        dtype=self.compute_dtype)
 
     def decode_step(

@@ -11,7 +11,6 @@ import dataclasses
 import random
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jaxtyping import Bool, Int
@@ -25,12 +24,6 @@ BACKBONE_ARGS = ("vocab_size", *BLOCK_ARGS)
 IdsLike = Int[Array, "batch length"] | Int[np.ndarray, "batch length"]
 MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
             | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"])
-
-
-def as_mask(mask: MaskLike | None) -> Array | None:
-    """A mask as a jax array: the core's model functions take NumPy int masks but not
-    NumPy bool ones."""
-    return None if mask is None else jnp.asarray(mask)
 
 
 def layer_config(vocab_size: int = 1, **args: Any) -> MambaConfig:

@@ -106,7 +106,7 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
     def call(
         self, inputs: Float[Array, "batch length hidden"], mask: MaskLike | None = None
     ) -> Float[Array, "batch length hidden"]:
-        y, _ = mixer(self.to_params(), self._config, inputs, mask=_config.as_mask(mask),
+        y, _ = mixer(self.to_params(), self._config, inputs, mask=mask,
                      impl=self.impl)
         return y
 
@@ -121,7 +121,7 @@ class MambaMixer(CoreWeights, keras.layers.Layer):
         self._ensure_built()
         inputs = jnp.asarray(inputs).astype(self.compute_dtype)
         return mixer(self.to_params(), self._config, inputs, state=state,
-                     mask=_config.as_mask(mask), impl=self.impl)
+                     mask=mask, impl=self.impl)
 
     def init_state(self, batch_size: int) -> MixerState:
         """A zero decoding state: conv (batch, K-1, I) in the compute dtype, ssm

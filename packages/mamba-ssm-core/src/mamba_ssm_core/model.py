@@ -50,7 +50,7 @@ from ._scan_common import ScanImplementation
 from ._scan_recurrent import RecurrentScan as RecurrentScan  # registers "recurrent"
 from .config import MambaConfig
 from .conv import causal_conv1d, causal_conv1d_update
-from .params import check_params
+from .params import ParamsError, check_params
 from .scan import selective_scan
 from .state_update import selective_state_update
 
@@ -58,6 +58,8 @@ Params = dict[str, Any]
 Impl = str | ScanImplementation
 SequenceAxis = str | tuple[str, ...] | None
 _IntLike = Int[Array, "..."] | Int[np.ndarray, "..."]
+# A (batch, length) mask: bool or integer (nonzero = real token), jax or NumPy.
+_MaskLike = Bool[Array, "batch length"] | Bool[np.ndarray, "batch length"] | _IntLike
 
 # Time-step pre-activation given to padded positions: softplus of it is exactly 0.0
 # in float32 and bfloat16, so the decay is exp(0) = 1 and the input term is 0.
@@ -148,7 +150,7 @@ def mixer(
     x: Float[Array, "batch length hidden"],
     *,
     state: MixerState | None = None,
-    mask: Bool[Array, "batch length"] | _IntLike | None = None,
+    mask: _MaskLike | None = None,
     impl: Impl = "auto",
     sequence_axis: SequenceAxis = None,
 ) -> tuple[Float[Array, "batch length hidden"], MixerState | None]:
@@ -245,7 +247,7 @@ def residual_block(
     residual: Float[Array, "batch length hidden"] | None = None,
     *,
     state: MixerState | None = None,
-    mask: Bool[Array, "batch length"] | _IntLike | None = None,
+    mask: _MaskLike | None = None,
     impl: Impl = "auto",
     sequence_axis: SequenceAxis = None,
 ) -> tuple[Float[Array, "batch length hidden"], Float[Array, "batch length hidden"],
@@ -317,7 +319,7 @@ def backbone(
     *,
     inputs_embeds: Float[Array, "batch length hidden"] | None = None,
     cache: MambaCache | None = None,
-    mask: Bool[Array, "batch length"] | _IntLike | None = None,
+    mask: _MaskLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
     remat: bool = False,
@@ -339,7 +341,7 @@ def backbone(
     with a cache, (hidden, the updated cache).
     """
     op = "backbone"
-    check_params(params, config)
+    check_params(params, config, head=False)  # the backbone never reads lm_head
     cd = _compute_dtype(params, dtype)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{op}: give exactly one of input_ids and inputs_embeds")
@@ -393,8 +395,15 @@ def lm_head(
 ) -> Float[Array, "*batch vocab"]:
     """Logits (..., vocab_size) float32 from final hidden states (..., H), computed in
     hidden's dtype with float32 accumulation; the embedding matrix when tied."""
-    w = (params["backbone"]["embeddings"]["weight"] if config.tie_word_embeddings
-         else params["lm_head"]["weight"])
+    if config.tie_word_embeddings:
+        w = params["backbone"]["embeddings"]["weight"]
+    else:
+        w = params.get("lm_head", {}).get("weight")
+        want = (config.vocab_size, config.hidden_size)
+        if w is None or tuple(w.shape) != want:
+            got = "missing" if w is None else f"shape {tuple(w.shape)}"
+            raise ParamsError(f"lm_head: config.tie_word_embeddings is False, so params needs "
+                              f"lm_head.weight of shape (vocab, hidden) = {want}; it is {got}")
     return jnp.einsum("...h,vh->...v", hidden, w.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -406,7 +415,7 @@ def forward(
     *,
     inputs_embeds: Float[Array, "batch length hidden"] | None = None,
     cache: MambaCache | None = None,
-    mask: Bool[Array, "batch length"] | _IntLike | None = None,
+    mask: _MaskLike | None = None,
     impl: Impl = "auto",
     dtype: Any = None,
     remat: bool = False,
@@ -428,7 +437,7 @@ def decode_step(
     token: Int[Array, " batch"] | Int[np.ndarray, " batch"],
     cache: MambaCache,
     *,
-    mask: Bool[Array, " batch"] | None = None,
+    mask: Bool[Array, " batch"] | Bool[np.ndarray, " batch"] | None = None,
     dtype: Any = None,
     impl: Impl = "auto",
 ) -> tuple[Float[Array, "batch vocab"], MambaCache]:

@@ -39,13 +39,14 @@ from .model import (
     MambaCache,
     MixerState,
     _check_ids,
+    _embed,
+    _final_norm,
     as_bool_mask,
     backbone,
     decode_step,
     init_cache,
     lm_head,
     residual_block,
-    rms_norm,
 )
 from .params import check_params
 
@@ -171,17 +172,14 @@ def _decode_step_unrolled(params, layers, config, token, states, *, mask, dtype,
     The arithmetic is `decode_step`'s, op for op. Returns (logits (batch, vocab)
     float32, the new states).
     """
-    hidden = jnp.take(params["backbone"]["embeddings"]["weight"], token[:, None],
-                      axis=0).astype(dtype)
+    hidden = _embed(params, token[:, None], dtype)
     residual, new = None, []
     for layer, state in zip(layers, states, strict=True):
         hidden, residual, state = residual_block(layer, config, hidden, residual, state=state,
                                                  mask=mask[:, None], impl=impl)
         new.append(state)
-    residual = residual + hidden.astype(residual.dtype)
-    out = rms_norm(residual, params["backbone"]["norm_f"]["weight"],
-                   config.layer_norm_epsilon).astype(dtype)
-    return lm_head(params, config, out[:, 0]), tuple(new)
+    logits = lm_head(params, config, _final_norm(params, config, hidden, residual)[:, 0])
+    return logits, tuple(new)
 
 
 @functools.partial(

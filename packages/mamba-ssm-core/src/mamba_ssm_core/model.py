@@ -312,6 +312,20 @@ def _compute_dtype(params: Params, dtype) -> Any:
     return jnp.result_type(params["backbone"]["embeddings"]["weight"])
 
 
+def _embed(params: Params, input_ids: Any, dtype: Any) -> Array:
+    """The token embeddings (..., H) of integer ids (...), in `dtype` (no range check)."""
+    return jnp.take(params["backbone"]["embeddings"]["weight"], jnp.asarray(input_ids),
+                    axis=0).astype(dtype)
+
+
+def _final_norm(params: Params, config: MambaConfig, hidden: Array, residual: Array) -> Array:
+    """The backbone's output after its last block: RMSNorm_f(residual + hidden), in
+    hidden's dtype (the residual's dtype is the stream's, see `residual_block`)."""
+    residual = residual + hidden.astype(residual.dtype)
+    return rms_norm(residual, params["backbone"]["norm_f"]["weight"],
+                    config.layer_norm_epsilon).astype(hidden.dtype)
+
+
 def backbone(
     params: Params,
     config: MambaConfig,
@@ -347,8 +361,7 @@ def backbone(
         raise ValueError(f"{op}: give exactly one of input_ids and inputs_embeds")
     if inputs_embeds is None:
         _check_ids(op, config, input_ids)
-        hidden = jnp.take(params["backbone"]["embeddings"]["weight"], jnp.asarray(input_ids),
-                          axis=0).astype(cd)
+        hidden = _embed(params, input_ids, cd)
     else:
         _checks.check_float(op, "inputs_embeds", inputs_embeds)
         _checks.check_rank(op, "inputs_embeds", inputs_embeds, (3,), "(batch, length, hidden)")
@@ -382,9 +395,7 @@ def backbone(
     states = None if cache is None else (cache.conv_state, cache.ssm_state)
     (hidden, residual), new_states = jax.lax.scan(
         body, init, (params["backbone"]["layers"], states))
-    residual = residual + hidden.astype(rd)
-    out = rms_norm(residual, params["backbone"]["norm_f"]["weight"],
-                   config.layer_norm_epsilon).astype(cd)
+    out = _final_norm(params, config, hidden, residual)
     if cache is None:
         return out
     return out, MambaCache(*new_states)

@@ -137,6 +137,25 @@ def test_unrolled_decoding_equals_the_layer_scan(tiny):
     assert len(set(np.asarray(unrolled.tokens)[1].tolist())) >= 4  # not a constant stream
 
 
+def test_large_layer_weights_decode_with_the_layer_scan(tiny, monkeypatch):
+    # the per-layer copy doubles the layer weights' memory: past the cap, no copy is made
+    from mamba_ssm_core import generation
+
+    config, params = tiny
+    prompt = np.array([[5, 6, 7]], np.int32)
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(params["backbone"]["layers"]))
+    monkeypatch.setattr(generation, "_UNROLL_MAX_BYTES", layer_bytes)
+    args, _ = prepare_generate(params, config, prompt, max_new_tokens=4, temperature=0.0)
+    assert args[5] is not None
+    monkeypatch.setattr(generation, "_UNROLL_MAX_BYTES", layer_bytes - 1)
+    args, _ = prepare_generate(params, config, prompt, max_new_tokens=4, temperature=0.0)
+    assert args[5] is None
+    out = generate(params, config, prompt, max_new_tokens=6, temperature=0.0, eos_token_id=())
+    monkeypatch.undo()
+    ref = generate(params, config, prompt, max_new_tokens=6, temperature=0.0, eos_token_id=())
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
 def test_sampling_is_deterministic_for_a_key(tiny):
     config, params = tiny
     prompt = np.array([[5, 6, 7], [9, 10, 11]], np.int32)

@@ -4,12 +4,12 @@
 with the parallel scan (left-padded batches through `mask`), then decodes one token
 per `lax.while_loop` iteration with the O(1) `decode_step`, the cache buffers donated
 to the loop. On CPUs the decoding step runs its layers unrolled over per-layer copies
-of the weights, made once per call (see `_decode_step_unrolled`): about 1.3x the
-tokens/s of the layer scan at the mamba-130m shape, for one more copy of the layer
-weights in memory while generating and a longer compile. Each row stops at its first
-EOS (later positions hold pad_token_id); the loop ends when every row has stopped or
-max_new_tokens are out. Sampling is greedy (temperature 0) or from the processed
-distribution, and deterministic for a given key.
+of the weights, made once per call for layer weights up to 2 GiB (see
+`_decode_step_unrolled`): about 1.3x the tokens/s of the layer scan at the mamba-130m
+shape, for one more copy of the layer weights in memory while generating and a longer
+compile. Each row stops at its first EOS (later positions hold pad_token_id); the loop
+ends when every row has stopped or max_new_tokens are out. Sampling is greedy
+(temperature 0) or from the processed distribution, and deterministic for a given key.
 
 Logit processing, in the order transformers applies it: repetition penalty over the
 tokens seen so far (prompt included; logit / penalty where positive, * penalty where
@@ -154,6 +154,12 @@ def _is_eos(tok: Array, eos: tuple[int, ...]) -> Array:
 
 def _mark_seen(seen: Array, tok: Array) -> Array:
     return seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+
+
+# The largest layer weights (bytes) that generate copies per layer for the unrolled CPU
+# decoding step: the copy doubles their memory while generating (2 GiB: mamba-370m in
+# float32 and smaller).
+_UNROLL_MAX_BYTES = 2 << 30
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -326,9 +332,12 @@ def prepare_generate(
         impl = "recurrent" if cpu else "auto"
     # On CPUs the decoding steps read per-layer copies of the layer weights (made here,
     # once per call: one more copy of them in memory while generating), see
-    # `_decode_step_unrolled`; accelerators read the stacked weights in place.
-    layers = _unstack_layers(params["backbone"]["layers"], config.num_hidden_layers) if cpu \
-        else None
+    # `_decode_step_unrolled`, unless that copy would pass _UNROLL_MAX_BYTES; accelerators
+    # read the stacked weights in place.
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(params["backbone"]["layers"]))
+    unroll = cpu and layer_bytes <= _UNROLL_MAX_BYTES
+    layers = (_unstack_layers(params["backbone"]["layers"], config.num_hidden_layers)
+              if unroll else None)
     args = (params, jnp.asarray(input_ids, jnp.int32), mask, key, init_cache(config, batch, cd),
             layers)
     static = dict(config=config, sampling=sampling, max_new_tokens=int(max_new_tokens), eos=eos,

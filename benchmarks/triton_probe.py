@@ -65,7 +65,9 @@ def main(argv):
                     y, grads = compiled(args, dy)
                     by, bg = base[key]
                     row["err_y"] = bs.rel_err(y, by)
-                    row["err_g"] = max(bs.rel_err(a, b) for a, b in zip(grads, bg, strict=True))
+                    each = [bs.rel_err(a, b) for a, b in zip(grads, bg, strict=True)]
+                    row["err_g"] = max(each)
+                    row["err_g_each"] = each  # u, delta, A, B, C, D, z, delta_bias
             except Exception as e:  # noqa: BLE001 - a failing variant is a result here
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(json.dumps(row), flush=True)

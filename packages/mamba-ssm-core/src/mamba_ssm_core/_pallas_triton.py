@@ -656,10 +656,16 @@ def _backward_impl(cfg: _Kernel, res, cts):
                  dhlast=dhlast)
 
     def reduce_blocks(part, like):
-        # (batch, nblk, Lr, N) -> (batch, Lr, groups, N): sum the channel blocks of each group.
+        # (batch, nblk, Lr, N) -> (batch, Lr, groups, N): the channel blocks of each group
+        # added one after another. An explicit chain rather than a reduce: XLA picks a
+        # reduce's summation order from its shape, which differs between launches of
+        # different lengths, and the result should not depend on bwd_splits.
         Lr = part.shape[2]
-        part = part.reshape(batch, groups, nblk // groups, Lr, N).sum(axis=2)
-        return jnp.moveaxis(part, 1, 2).astype(like.dtype)
+        part = part.reshape(batch, groups, nblk // groups, Lr, N)
+        total = part[:, :, 0]
+        for i in range(1, nblk // groups):
+            total = total + part[:, :, i]
+        return jnp.moveaxis(total, 1, 2).astype(like.dtype)
 
     g, pieces = None, []
     ranges = _bwd_ranges(cfg)

@@ -68,8 +68,7 @@ LAYOUTS = {
     "seq over 2 axes": (
         {"data": 2, "s1": 2, "s2": 2}, dict(sequence_axis=("s1", "s2"), batch_axis="data"), None),
 }
-CASES = [("k4", name) for name in LAYOUTS] + [("k3", "seq 8"),
-                                              ("k3", "data 2 x tensor 2 x seq 2, ShardedScan")]
+CASES = [("k4", name) for name in LAYOUTS] + [("k3", "data 2 x tensor 2 x seq 2, ShardedScan")]
 
 
 def _tokens(config, seed, batch=BATCH, length=LENGTH):

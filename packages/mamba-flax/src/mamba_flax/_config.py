@@ -7,11 +7,9 @@ initialised for (out_proj starts divided by its square root; 1 for no rescale).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-import jax.numpy as jnp
-from flax import nnx
-from mamba_ssm_core import MambaConfig, ScanImplementation
+from mamba_ssm_core import MambaConfig
 
 from ._convert import CoreModule
 
@@ -33,9 +31,6 @@ def layer_options(config: MambaConfig, names: tuple[str, ...]) -> dict[str, Any]
     return options
 
 
-_L = TypeVar("_L", bound="LayerModule")
-
-
 class LayerModule(CoreModule):
     """Base of the modules built from sizes (hidden_size positional, `_options` keyword)
     rather than from a `MambaConfig`."""
@@ -43,17 +38,6 @@ class LayerModule(CoreModule):
     _options: ClassVar[tuple[str, ...]] = MIXER_OPTIONS
 
     @classmethod
-    def from_config(
-        cls: type[_L],
-        config: MambaConfig,
-        *,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        impl: str | ScanImplementation = "auto",
-        decode: bool = False,
-        rngs: nnx.Rngs,
-    ) -> _L:
-        """A fresh layer with the sizes of `config`'s layers (initialised for its depth);
-        the other arguments as for the constructor."""
-        return cls(config.hidden_size, **layer_options(config, cls._options), dtype=dtype,
-                   param_dtype=param_dtype, impl=impl, decode=decode, rngs=rngs)
+    def _sizes(cls, config: MambaConfig) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """hidden_size and the `_options` of `config`'s layers (initialised for its depth)."""
+        return (config.hidden_size,), layer_options(config, cls._options)

@@ -144,8 +144,14 @@ class CoreModule(nnx.Module):
     ) -> _M:
         """A fresh module with the sizes of `config` (for a layer: of its layers,
         initialised for its depth); the other arguments as for the constructor."""
-        return cls(config, dtype=dtype, param_dtype=param_dtype, impl=impl, decode=decode,
-                   rngs=rngs)
+        args, options = cls._sizes(config)
+        return cls(*args, **options, dtype=dtype, param_dtype=param_dtype, impl=impl,
+                   decode=decode, rngs=rngs)
+
+    @classmethod
+    def _sizes(cls, config: MambaConfig) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The constructor's size arguments (positional, keyword) for `config`."""
+        return (config,), {}
 
     @classmethod
     def from_params(

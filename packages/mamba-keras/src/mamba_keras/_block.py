@@ -61,15 +61,7 @@ class MambaResidualBlock(CoreWeights, keras.layers.Layer):
         # The inputs are cast here, not by Keras: a float32 residual must stay float32
         # under a mixed-precision policy.
         super().__init__(**{**kwargs, "autocast": False})
-        self._config = _config.layer_config(
-            hidden_size=hidden_size, state_size=state_size, expand=expand,
-            conv_kernel=conv_kernel, time_step_rank=time_step_rank, use_bias=use_bias,
-            use_conv_bias=use_conv_bias, layer_norm_epsilon=layer_norm_epsilon,
-            residual_in_fp32=residual_in_fp32, time_step_min=time_step_min,
-            time_step_max=time_step_max, time_step_floor=time_step_floor,
-            time_step_scale=time_step_scale, time_step_init_scheme=time_step_init_scheme,
-            rescale_prenorm_residual=rescale_prenorm_residual,
-            num_hidden_layers=num_hidden_layers)
+        self._config = _config.layer_config(**_config.pick(locals(), _config.BLOCK_ARGS))
         _config.set_args(self, self._config, _config.BLOCK_ARGS)
         self.impl = _config.check_impl(impl)
         self.seed = seed

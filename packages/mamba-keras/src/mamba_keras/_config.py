@@ -26,6 +26,12 @@ MaskLike = (Bool[Array, "batch length"] | Int[Array, "batch length"]
             | Bool[np.ndarray, "batch length"] | Int[np.ndarray, "batch length"])
 
 
+def pick(args: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The constructor arguments `names` out of its `locals()` (Keras needs each layer's
+    signature spelled out, so the config is built from it rather than from **kwargs)."""
+    return {name: args[name] for name in names}
+
+
 def layer_config(vocab_size: int = 1, **args: Any) -> MambaConfig:
     """The MambaConfig of a layer's constructor arguments (MambaConfig field names; a
     backbone's vocab_size, else a one-token vocabulary): tied, so it asks for no head."""

@@ -13,6 +13,7 @@ Three groups:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import unittest.mock
 
 import jax
@@ -43,6 +44,12 @@ GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "A": (1, 5)}
 # Relative-error bounds against the float64 oracle (outputs are rounded to the dtype).
 REL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+# Every kernel call is jitted with XLA:CPU's backend optimisation off: the interpreted
+# kernels are large programs compiled once and run once on small inputs, so optimising
+# their machine code was most of the time. Level 0 computes the same thing (up to float
+# rounding, e.g. fused multiply-adds); every bound is unchanged.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def make_inputs(rng, b, l, d, n, *, groups=None, dtype="float32", segments=True):
@@ -78,7 +85,7 @@ def to_jax(inp, dtype):
     return out
 
 
-def run(impl, x, seg, *, softplus=True):
+def scan(impl, x, seg, *, softplus=True):
     return selective_scan(
         x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), z=x.get("z"),
         delta_bias=x.get("delta_bias"), delta_softplus=softplus,
@@ -86,6 +93,12 @@ def run(impl, x, seg, *, softplus=True):
         segment_ids=None if seg is None else jnp.asarray(seg),
         return_final_state=True, impl=impl,
     )
+
+
+def run(impl, x, seg, *, softplus=True):
+    """(y, final state) of `scan`, jitted (see FAST_COMPILE)."""
+    seg = None if seg is None else jnp.asarray(seg)
+    return fast_jit(lambda x, seg: scan(impl, x, seg, softplus=softplus))(x, seg)
 
 
 def oracle_of(inp, seg, *, softplus=True):
@@ -97,17 +110,27 @@ def oracle_of(inp, seg, *, softplus=True):
 
 
 def grads(impl, x, seg, rng, *, softplus=True):
-    """Gradients of every float input through y and the final state, random cotangents."""
+    """Gradients of every float input through y and the final state, random cotangents.
+
+    One jitted VJP (see FAST_COMPILE); the cotangents' shapes come from `eval_shape`,
+    so the forward is not run an extra time for them."""
     names = [k for k in NAMES if x.get(k) is not None]
-    y0, h0 = run(impl, x, seg, softplus=softplus)
+    seg = None if seg is None else jnp.asarray(seg)
+
+    def f(vals, seg):
+        return scan(impl, {**x, **vals}, seg, softplus=softplus)
+
+    vals = {k: x[k] for k in names}
+    y0, h0 = jax.eval_shape(f, vals, seg)
     dy = jnp.asarray(rng.standard_normal(y0.shape), jnp.float32).astype(y0.dtype)
     dh = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
 
-    def f(*vals):
-        return run(impl, {**x, **dict(zip(names, vals, strict=True))}, seg, softplus=softplus)
+    @fast_jit
+    def vjp(vals, seg, cotangents):
+        _, pullback = jax.vjp(lambda v: f(v, seg), vals)
+        return pullback(cotangents)[0]
 
-    _, vjp = jax.vjp(f, *[x[k] for k in names])
-    return dict(zip(names, vjp((dy, dh)), strict=True))
+    return vjp(vals, seg, (dy, dh))
 
 
 def assert_close(name, got, ref, rtol, atol, rel):
@@ -290,8 +313,9 @@ def test_interpret_under_jit_and_vmap():
     rng = np.random.default_rng(11)
     inp, _ = make_inputs(rng, 1, 8, 4, 2, segments=False)
     x = to_jax(inp, "float32")
-    f = jax.jit(lambda x: run(interp(), x, None)[0])
-    y = jax.vmap(lambda u: f({**x, "u": u}))(jnp.stack([x["u"], x["u"] * 0.5]))
+    f = jax.jit(lambda x: scan(interp(), x, None)[0])
+    # vmapped under a top-level jit: compiled at FAST_COMPILE
+    y = fast_jit(jax.vmap(lambda u: f({**x, "u": u})))(jnp.stack([x["u"], x["u"] * 0.5]))
     for i, scale in enumerate((1.0, 0.5)):
         y_ref, _ = oracle_of({**inp, "u": inp["u"] * scale}, None)
         assert_close(f"y[{i}]", y[i], y_ref, *TOL["float32"], 1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -15,9 +16,11 @@ from mamba_ssm_core import (
     ParamsError,
     abstract_params,
     backbone,
+    cast_params,
     decode_step,
     forward,
     init_cache,
+    init_layer_params,
     init_params,
     layer_params,
     lm_head,
@@ -32,10 +35,31 @@ from tests.oracle import rel_err
 TINY = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
                    conv_kernel=4, time_step_rank=3, use_bias=False, use_conv_bias=True,
                    layer_norm_epsilon=1e-5, residual_in_fp32=True, tie_word_embeddings=True)
+# TINY's other side, for the tests that want the linear biases, an untied head or a conv
+# kernel other than 4: one config for all of them, since init_params compiles once per
+# config (seconds each, more than most of these tests' own programs).
+VARIANT = dataclasses.replace(TINY, use_bias=True, conv_kernel=3, tie_word_embeddings=False)
 
+
+# The programs here are compile-bound (each runs once or twice on tiny inputs): XLA:CPU
+# backend optimisation level 0 compiles them 2-4x faster. Same HLO, same checks; results
+# differ from level 2's by float32 rounding only, and the bit-for-bit comparisons below are
+# between programs compiled alike.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 # One compiled program per (config, shapes, impl, dtype) instead of eager op-by-op calls.
-fwd = jax.jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
+fwd = _jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
+
+
+@functools.cache
+def _init_program(config):
+    return _jit(lambda key: init_params(key, config))
+
+
+def _init(seed, config):
+    """init_params(jax.random.key(seed), config) as test input (the init tests below call
+    init_params itself), compiled once per config at optimisation level 0."""
+    return _init_program(config)(jax.random.key(seed))
 
 
 def _ids(config, batch, length, seed=0):
@@ -79,11 +103,11 @@ def test_every_scan_implementation_gives_the_same_logits():
 def test_layer_pieces_compose_to_the_backbone():
     """What an adapter does with the pieces (embedding, residual_block per layer, final
     norm, lm_head) is the model."""
-    config = dataclasses.replace(TINY, use_bias=True, num_hidden_layers=3)
-    params = init_params(jax.random.key(0), config)
+    config = VARIANT  # two layers: the residual stream passes from one block to the next
+    params = _init(0, config)
     ids = _ids(config, 2, 7)
 
-    @jax.jit
+    @_jit
     def by_pieces(params, ids):
         hidden = params["backbone"]["embeddings"]["weight"][ids]
         residual = None
@@ -95,7 +119,7 @@ def test_layer_pieces_compose_to_the_backbone():
                        config.layer_norm_epsilon)
         return out, lm_head(params, config, out)
 
-    @jax.jit
+    @_jit
     def whole(params, ids):
         embeds = params["backbone"]["embeddings"]["weight"][ids]
         return (backbone(params, config, ids), forward(params, config, ids),
@@ -112,8 +136,8 @@ def test_remat_recomputes_each_layer_without_changing_the_result():
     """backbone(remat=True) wraps the layer body in jax.checkpoint: the forward is the
     same program's result bit for bit, the gradients agree to rounding, and the
     backward pass recomputes the layer (a remat in the jaxpr) instead of storing it."""
-    config = dataclasses.replace(TINY, use_bias=True)
-    params = init_params(jax.random.key(4), config)
+    config = VARIANT
+    params = _init(4, config)
     ids = _ids(config, 2, 9, seed=3)
     w = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, config.vocab_size)),
                     jnp.float32)
@@ -121,10 +145,10 @@ def test_remat_recomputes_each_layer_without_changing_the_result():
     def loss(params, remat):
         return jnp.sum(forward(params, config, ids, remat=remat) * w)
 
-    run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    run = _jit(jax.value_and_grad(loss), static_argnums=1)
     (l0, g0), (l1, g1) = run(params, False), run(params, True)
-    plain = jax.jit(lambda p: forward(p, config, ids))(params)
-    rematted = jax.jit(lambda p: forward(p, config, ids, remat=True))(params)
+    plain = _jit(lambda p: forward(p, config, ids))(params)
+    rematted = _jit(lambda p: forward(p, config, ids, remat=True))(params)
     np.testing.assert_array_equal(np.asarray(rematted), np.asarray(plain))
     assert rel_err(l1, l0) <= 1e-6
     errors = {k: rel_err(flatten(g1)[k], g) for k, g in flatten(g0).items()}
@@ -149,17 +173,22 @@ def test_compiled_program_does_not_grow_with_depth():
 
 def test_bfloat16_compute_keeps_the_ssm_in_float32():
     config = TINY
-    params = init_params(jax.random.key(1), config)
+    params = _init(1, config)
     ids = _ids(config, 2, 9)
     ref = fwd(params, config, ids)
-    logits, cache = jax.jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
+    logits, cache = _jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
         params, ids, init_cache(config, 2, jnp.bfloat16))
     assert logits.dtype == jnp.float32 and cache.ssm_state.dtype == jnp.float32
     assert cache.conv_state.dtype == jnp.bfloat16
     assert rel_err(logits, ref) < 3e-2
-    # bfloat16 parameters (A_log, D, dt bias kept float32) compute in bfloat16 by default
-    bf16 = init_params(jax.random.key(1), config, dtype=jnp.bfloat16)
-    flat = flatten(bf16)
+    # bfloat16 parameters (A_log, D, dt bias kept float32) compute in bfloat16 by default.
+    # init_params(dtype=bfloat16)'s layout by tracing it (its compile costs seconds); its
+    # values are the float32 draws cast (test_params checks that), so cast_params here.
+    layout = jax.eval_shape(lambda k: init_params(k, config, dtype=jnp.bfloat16),
+                            jax.random.key(1))
+    bf16 = cast_params(params, jnp.bfloat16)
+    assert jax.tree.map(lambda x: x.dtype, bf16) == jax.tree.map(lambda x: x.dtype, layout)
+    flat = flatten(layout)
     for path, leaf in flat.items():
         want = jnp.float32 if path.endswith(("A_log", ".D", "dt_proj.bias")) else jnp.bfloat16
         assert leaf.dtype == want, path
@@ -169,9 +198,11 @@ def test_bfloat16_compute_keeps_the_ssm_in_float32():
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
 def test_residual_dtype_follows_the_config(residual_in_fp32):
     config = dataclasses.replace(TINY, residual_in_fp32=residual_in_fp32)
-    params = init_params(jax.random.key(2), config)
-    hidden = jnp.ones((1, 3, config.hidden_size), jnp.bfloat16)
-    out, residual, _ = residual_block(layer_params(params, 0), config, hidden, None)
+    # Dtypes only: traced (eval_shape), as a compiled call would give them, compiling nothing.
+    params = abstract_params(config)
+    hidden = jax.ShapeDtypeStruct((1, 3, config.hidden_size), jnp.bfloat16)
+    out, residual, _ = jax.eval_shape(
+        lambda p, h: residual_block(layer_params(p, 0), config, h, None), params, hidden)
     assert out.dtype == jnp.bfloat16
     assert residual.dtype == (jnp.float32 if residual_in_fp32 else jnp.bfloat16)
 
@@ -214,8 +245,10 @@ def test_init_params_follows_the_official_recipe():
 def test_init_floors_dt_and_skips_the_rescale_when_asked():
     config = dataclasses.replace(TINY, time_step_min=1e-6, time_step_max=2e-6,
                                  rescale_prenorm_residual=False, time_step_init_scheme="constant")
-    params = init_params(jax.random.key(4), config)
-    m = params["backbone"]["layers"]["mixer"]
+    # Every option here acts inside one layer's draw, which init_params vmaps over the
+    # layers (test_params: its layers are init_layer_params'): one layer's init_layer_params
+    # program compiles in about half the time of the whole model's.
+    m = init_layer_params(jax.random.key(4), config)["mixer"]
     dt = np.log1p(np.exp(np.asarray(m["dt_proj"]["bias"], np.float64)))
     np.testing.assert_allclose(dt, config.time_step_floor, rtol=1e-3)
     np.testing.assert_allclose(m["dt_proj"]["weight"], config.time_step_rank**-0.5, rtol=1e-6)
@@ -227,7 +260,7 @@ def test_init_floors_dt_and_skips_the_rescale_when_asked():
 
 
 def test_bad_params_list_every_problem():
-    params = init_params(jax.random.key(5), TINY)
+    params = _init(5, TINY)
     layers = params["backbone"]["layers"]
     del layers["mixer"]["D"]
     layers["mixer"]["x_proj"]["weight"] = layers["mixer"]["x_proj"]["weight"][:, :, :-1]
@@ -242,35 +275,47 @@ def test_bad_params_list_every_problem():
 
 
 def test_backbone_needs_no_head_and_lm_head_names_a_missing_one():
-    untied = dataclasses.replace(TINY, tie_word_embeddings=False)
-    params = init_params(jax.random.key(7), untied)
+    untied = VARIANT
+    assert not untied.tie_word_embeddings
+    params = _init(7, untied)
     ids = _ids(untied, 2, 5)
     headless = {"backbone": params["backbone"]}
-    np.testing.assert_array_equal(backbone(headless, untied, ids), backbone(params, untied, ids))
+    run_backbone = _jit(backbone, static_argnums=1)
+    np.testing.assert_array_equal(run_backbone(headless, untied, ids),
+                                  run_backbone(params, untied, ids))
     with pytest.raises(ParamsError, match=r"lm_head: config.tie_word_embeddings is False, so "
                        r"params needs lm_head.weight of shape \(vocab, hidden\) = \(50, 16\); "
                        r"it is missing"):
-        forward(headless, untied, ids)
+        fwd(headless, untied, ids)  # (refused while tracing: nothing is compiled)
     bad = {**params, "lm_head": {"weight": params["lm_head"]["weight"][:, :-1]}}
     with pytest.raises(ParamsError, match=r"it is shape \(50, 15\)"):
         lm_head(bad, untied, jnp.ones((2, 16)))
 
 
 def test_masks_may_be_numpy_bool_or_int():
-    params = init_params(jax.random.key(9), TINY)
+    params = _init(9, TINY)
     ids = _ids(TINY, 2, 6)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], bool)
-    ref = forward(params, TINY, ids, mask=jnp.asarray(mask))
-    np.testing.assert_array_equal(forward(params, TINY, ids, mask=mask), ref)
-    np.testing.assert_array_equal(forward(params, TINY, ids, mask=mask.astype(np.int32)), ref)
     cache = init_cache(TINY, 2)
-    want, _ = decode_step(params, TINY, ids[:, 0], cache, mask=jnp.asarray(mask[:, 0]))
-    got, _ = decode_step(params, TINY, ids[:, 0], cache, mask=mask[:, 0])
+
+    # One program: the masks are closed over, so forward and decode_step (and their type
+    # checks) receive the NumPy arrays themselves, as in an eager call.
+    @_jit
+    def every_kind(params, ids, cache):
+        ref = forward(params, TINY, ids, mask=jnp.asarray(mask))
+        want, _ = decode_step(params, TINY, ids[:, 0], cache, mask=jnp.asarray(mask[:, 0]))
+        return (ref, forward(params, TINY, ids, mask=mask),
+                forward(params, TINY, ids, mask=mask.astype(np.int32)),
+                want, decode_step(params, TINY, ids[:, 0], cache, mask=mask[:, 0])[0])
+
+    ref, from_bool, from_int, want, got = every_kind(params, ids, cache)
+    np.testing.assert_array_equal(from_bool, ref)
+    np.testing.assert_array_equal(from_int, ref)
     np.testing.assert_array_equal(got, want)
 
 
 def test_bad_inputs_are_refused():
-    params = init_params(jax.random.key(6), TINY)
+    params = _init(6, TINY)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=50\), got values in \[0, 50\]"):
         forward(params, TINY, jnp.array([[0, 50]], jnp.int32))
     with pytest.raises(Exception, match="input_ids"):
@@ -286,16 +331,26 @@ def test_bad_inputs_are_refused():
 # ---------------------------------------------------------------------------- the cache
 
 
+@pytest.fixture(scope="module")
+def full_prefill():
+    """VARIANT (conv kernel 3, biases) on 12 random tokens: params, ids, and the full
+    forward's logits and cache, both from one program shared by the impl cases."""
+    config = VARIANT
+    params = _init(7, config)
+    ids = _ids(config, 2, 12, seed=3)
+    full, (_, prefilled) = _jit(lambda p, i: (
+        forward(p, config, i), forward(p, config, i, cache=init_cache(config, 2))))(params, ids)
+    return params, ids, full, prefilled
+
+
 @pytest.mark.parametrize("impl", ["auto", "recurrent"])
-def test_cached_decoding_equals_the_full_forward(impl):
+def test_cached_decoding_equals_the_full_forward(impl, full_prefill):
     """Chunked prefill and decoding (with the decoding ops for "auto", a length-1
     scan otherwise) give the full forward's logits and state."""
-    config = dataclasses.replace(TINY, use_bias=True, conv_kernel=3)
-    params = init_params(jax.random.key(7), config)
-    ids = _ids(config, 2, 12, seed=3)
-    full = fwd(params, config, ids)
+    config = VARIANT
+    params, ids, full, prefilled = full_prefill
 
-    @jax.jit
+    @_jit
     def pieces(params, ids):
         cache = init_cache(config, 2)
         out = []
@@ -310,24 +365,26 @@ def test_cached_decoding_equals_the_full_forward(impl):
 
     stepped, cache = pieces(params, ids)
     assert rel_err(stepped, full) < 1e-5
-    _, prefilled = jax.jit(lambda p, i: forward(p, config, i, cache=init_cache(config, 2)))(
-        params, ids)
     np.testing.assert_allclose(cache.ssm_state, prefilled.ssm_state, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cache.conv_state, prefilled.conv_state, rtol=1e-6, atol=1e-6)
 
 
 def test_left_padding_leaves_each_row_as_without_it():
-    config = dataclasses.replace(TINY, use_bias=True)  # in_proj bias: padding must not feed it
-    params = init_params(jax.random.key(8), config)
+    config = VARIANT  # in_proj bias: padding must not feed it
+    params = _init(8, config)
     short, long = _ids(config, 1, 3, seed=4), _ids(config, 1, 7, seed=5)
     pad = jnp.full((1, 4), 9, jnp.int32)  # a real token id in the padding
     ids = jnp.concatenate([jnp.concatenate([pad, short], axis=1), long], axis=0)
     mask = jnp.asarray([[0, 0, 0, 0, 1, 1, 1], [1] * 7], bool)
-    run = jax.jit(lambda p, i, m: forward(p, config, i, mask=m,
-                                          cache=init_cache(config, i.shape[0])))
-    logits, cache = run(params, ids, mask)
-    for row, alone in ((0, short), (1, long)):
-        ref_logits, ref_cache = run(params, alone, jnp.ones(alone.shape, bool))
+    def run(p, i, m):
+        return forward(p, config, i, mask=m, cache=init_cache(config, i.shape[0]))
+
+    logits, cache = _jit(run)(params, ids, mask)
+    # both rows alone, unpadded, in one program
+    refs = _jit(lambda p, a, b: [run(p, x, jnp.ones(x.shape, bool)) for x in (a, b)])(
+        params, short, long)
+    for (row, alone), (ref_logits, ref_cache) in zip(((0, short), (1, long)), refs, strict=True):
+        assert ref_logits.shape[1] == alone.shape[1]
         np.testing.assert_allclose(logits[row, -1], ref_logits[0, -1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(cache.ssm_state[:, row], ref_cache.ssm_state[:, 0],
                                    rtol=1e-5, atol=1e-7)
@@ -364,12 +421,19 @@ def test_decoding_is_constant_work_per_token(impl):
     assert len(lengths) == (1 if impl == "auto" else 2)
 
 
+@functools.cache
+def _warm_tiny_cache():
+    """TINY's params and its cache after 5 random tokens, shared by the impl cases below."""
+    params = _init(9, TINY)
+    _, cache = _jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
+        params, _ids(TINY, 2, 5))
+    return params, cache
+
+
 @pytest.mark.parametrize("impl", ["auto", "recurrent"])
 def test_masked_rows_keep_their_state_while_decoding(impl):
-    params = init_params(jax.random.key(9), TINY)
-    _, cache = jax.jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
-        params, _ids(TINY, 2, 5))
-    _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
+    params, cache = _warm_tiny_cache()
+    _, after = _jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
                                                 mask=jnp.array([True, False]), impl=impl))(
         params, cache)
     np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])

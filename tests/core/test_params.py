@@ -17,6 +17,7 @@ import pytest
 from mamba_ssm_core import (
     MambaConfig,
     ParamsError,
+    cast_params,
     check_params,
     check_shapes,
     flatten,
@@ -40,17 +41,24 @@ def _layer_keys(key, config):
     return jax.random.split(jax.random.split(key, 3)[1], config.num_hidden_layers)
 
 
+def _layout(fn, *args, **kw):
+    """fn(jax.random.key(0), *args, **kw)'s output shapes and dtypes, by tracing (eval_shape):
+    what a compiled call returns, without its compile (seconds per config and dtype)."""
+    return jax.eval_shape(lambda k: fn(k, *args, **kw), jax.random.key(0))
+
+
 def test_init_layer_params_has_the_layout_of_one_layer():
-    p = init_layer_params(jax.random.key(0), CONFIG, dtype=jnp.bfloat16)
+    # (the values: test_init_layer_params_draws_the_layers_of_init_params)
+    p = _layout(init_layer_params, CONFIG, dtype=jnp.bfloat16)
     assert set(p) == {"norm", "mixer"}
     flat = flatten(p)
     assert {k: v.shape for k, v in flat.items()} == layer_shapes(CONFIG)
     for path, v in flat.items():
         assert v.dtype == (jnp.float32 if path in SSM else jnp.bfloat16), path
-    p16 = init_layer_params(jax.random.key(0), CONFIG, ssm_dtype=jnp.float16)
+    p16 = _layout(init_layer_params, CONFIG, ssm_dtype=jnp.float16)
     assert {v.dtype for k, v in flatten(p16).items() if k in SSM} == {jnp.dtype(jnp.float16)}
     # the same shapes as a layer of the whole model
-    model_layer = layer_params(init_params(jax.random.key(0), CONFIG), 0)
+    model_layer = _layout(lambda k: layer_params(init_params(k, CONFIG), 0))
     assert jax.tree.map(jnp.shape, model_layer) == jax.tree.map(jnp.shape, p)
 
 
@@ -58,14 +66,22 @@ def test_init_layer_params_has_the_layout_of_one_layer():
 def test_init_layer_params_draws_the_layers_of_init_params(dtype):
     key = jax.random.key(7)
     model = init_params(key, CONFIG, dtype=dtype)
+    # every leaf drawn in float32 and then cast (test_model's bfloat16 test relies on it)
+    drawn = cast_params(init_params(key, CONFIG), dtype)
     for i, k in enumerate(_layer_keys(key, CONFIG)):
         want = flatten(layer_params(model, i))
         got = flatten(init_layer_params(k, CONFIG, dtype=dtype))
-        assert set(got) == set(want)
+        cast = flatten(layer_params(drawn, i))
+        assert set(got) == set(want) == set(cast)
         for path in want:
-            assert got[path].dtype == want[path].dtype, path
+            assert got[path].dtype == want[path].dtype == cast[path].dtype, path
             np.testing.assert_array_equal(np.asarray(got[path], np.float32),
                                           np.asarray(want[path], np.float32), err_msg=path)
+            np.testing.assert_array_equal(np.asarray(cast[path], np.float32),
+                                          np.asarray(want[path], np.float32), err_msg=path)
+    for path, leaf in flatten(model).items():  # the embedding and final norm too
+        np.testing.assert_array_equal(np.asarray(leaf, np.float32),
+                                      np.asarray(flatten(drawn)[path], np.float32), err_msg=path)
 
 
 def test_init_layer_params_follows_the_official_recipe():

@@ -11,7 +11,7 @@ and the errors for bad splits and axes.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,10 @@ from tests.core.conftest import unhooked
 
 TOL = 1e-5
 BATCH, LENGTH = 4, 32
+# This file's programs are compile-bound (each runs once or twice on tiny inputs): XLA:CPU
+# backend optimisation level 0 compiles them 2-4x faster. Same HLO, same checks; the
+# results differ from level 2's by float32 rounding only.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 CONFIGS = {
     # conv_kernel 4, every bias, untied head, float32 residual
@@ -82,7 +86,17 @@ def _loss_fn(logits_fn):
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         return jnp.mean(nll), logits
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+
+
+@functools.cache
+def _init_program(config):
+    return jax.jit(lambda key: init_params(key, config), compiler_options=FAST_COMPILE)
+
+
+def _init(seed, config):
+    """init_params(jax.random.key(seed), config), compiled once per config at FAST_COMPILE."""
+    return _init_program(config)(jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +107,7 @@ def single_device():
     def get(name):
         if name not in done:
             config = CONFIGS[name]
-            params = init_params(jax.random.key(7), config)
+            params = _init(7, config)
             tokens = _tokens(config, 1)
             step = _loss_fn(lambda p, ids: forward(p, config, ids))
             done[name] = (params, tokens, *step(params, tokens))
@@ -137,11 +151,12 @@ def test_logits_loss_and_gradients_match_one_device(single_device, config_name, 
 
 
 def _warm_cache(config, batch, seed):
-    """A cache with random (never zero) conv and SSM states."""
+    """A cache with random (never zero) conv and SSM states (drawn by NumPy: jax.random
+    would compile a sampler per shape)."""
     c = init_cache(config, batch)
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return MambaCache(jax.random.normal(k1, c.conv_state.shape, jnp.float32),
-                      jax.random.normal(k2, c.ssm_state.shape, jnp.float32))
+    rng = np.random.default_rng(seed)
+    return MambaCache(*(jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+                        for x in (c.conv_state, c.ssm_state)))
 
 
 def test_warm_cache_mask_and_embeds():
@@ -149,21 +164,23 @@ def test_warm_cache_mask_and_embeds():
     forward's logits and cache (conv state from the last shard, SSM state folded over
     all of them); inputs_embeds gives the same as the ids."""
     config = CONFIGS["k4"]
-    params = init_params(jax.random.key(3), config)
+    params = _init(3, config)
     ids = _tokens(config, 2)[:, :-1]
     cache = _warm_cache(config, BATCH, 4)
     mask = np.ones((BATCH, LENGTH), bool)
     mask[1, :5] = False  # padding ending inside the first shard
     mask[2, :12] = False  # padding over the first shard and into the second
     mask = jnp.asarray(mask)
-    want = jax.jit(lambda p, i, c, m: forward(p, config, i, cache=c, mask=m))(params, ids, cache,
-                                                                              mask)
+    want = jax.jit(lambda p, i, c, m: forward(p, config, i, cache=c, mask=m),
+                   compiler_options=FAST_COMPILE)(params, ids, cache, mask)
     mesh = make_mesh({"data": 2, "seq": 4})
-    got = sequence_parallel_forward(params, config, ids, mesh=mesh, sequence_axis="seq",
-                                    batch_axis="data", cache=cache, mask=mask)
+    got = jax.jit(lambda p, i, c, m: sequence_parallel_forward(
+        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data", cache=c, mask=m),
+        compiler_options=FAST_COMPILE)(params, ids, cache, mask)
     embeds = jnp.take(params["backbone"]["embeddings"]["weight"], ids, axis=0)
-    from_embeds = sequence_parallel_forward(params, config, mesh=mesh, sequence_axis="seq",
-                                            inputs_embeds=embeds, cache=cache, mask=mask)
+    from_embeds = jax.jit(lambda p, e, c, m: sequence_parallel_forward(
+        p, config, mesh=mesh, sequence_axis="seq", inputs_embeds=e, cache=c, mask=m),
+        compiler_options=FAST_COMPILE)(params, embeds, cache, mask)
     assert isinstance(got[1], MambaCache)
     errors = _errors(got, want, "ids") | _errors(from_embeds, want, "embeds")
     bad = {k: e for k, e in errors.items() if not e <= TOL}
@@ -174,12 +191,13 @@ def test_mixer_inside_a_users_shard_map():
     """`mixer(..., sequence_axis=)` in one's own shard_map: output and the returned state
     of the whole sequence equal the unsplit mixer's."""
     config = CONFIGS["k3"]
-    layer = layer_params(init_params(jax.random.key(5), config), 0)["mixer"]
+    layer = layer_params(_init(5, config), 0)["mixer"]
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, config.hidden_size)), jnp.float32)
     cache = _warm_cache(config, BATCH, 7)
     state = MixerState(cache.conv_state[0], cache.ssm_state[0])
-    want = jax.jit(lambda x, s: mixer(layer, config, x, state=s))(x, state)
+    want = jax.jit(lambda x, s: mixer(layer, config, x, state=s),
+                   compiler_options=FAST_COMPILE)(x, state)
 
     mesh = make_mesh({"rows": 2, "seq": 4})
     spec_x = P("rows", "seq", None)
@@ -187,7 +205,7 @@ def test_mixer_inside_a_users_shard_map():
     body = jax.shard_map(
         lambda x, s: mixer(layer, config, x, state=s, sequence_axis="seq"), mesh=mesh,
         in_specs=(spec_x, spec_s), out_specs=(spec_x, spec_s), check_vma=False)
-    got = jax.jit(body)(x, state)
+    got = jax.jit(body, compiler_options=FAST_COMPILE)(x, state)
     errors = _errors(got, want, "")
     bad = {k: e for k, e in errors.items() if not e <= TOL}
     assert len(errors) == 3 and not bad, f"relative errors above {TOL}: {bad}"
@@ -195,7 +213,7 @@ def test_mixer_inside_a_users_shard_map():
 
 def test_bad_splits_and_axes_raise():
     config = CONFIGS["k4"]
-    params = init_params(jax.random.key(0), config)
+    params = _init(0, config)
     ids = _tokens(config, 0, length=30)[:, :-1]  # (4, 30)
     mesh = make_mesh({"data": 2, "seq": 4})
     spf = unhooked(sequence_parallel_forward)
@@ -247,11 +265,12 @@ def test_bad_splits_and_axes_raise():
 
 def test_one_shard_is_the_plain_model():
     """A sequence axis of size 1 splits nothing: the plain model's program and result."""
-    config = dataclasses.replace(CONFIGS["k4"], num_hidden_layers=1)
-    params = init_params(jax.random.key(1), config)
+    config = CONFIGS["k4"]  # (its init_params program is compiled for the tests above)
+    params = _init(1, config)
     ids = _tokens(config, 3, batch=8, length=8)[:, :-1]
     mesh = make_mesh({"data": 8, "seq": 1})
-    got = sequence_parallel_forward(params, config, ids, mesh=mesh, sequence_axis="seq",
-                                    batch_axis="data")
-    want = jax.jit(lambda p, i: forward(p, config, i))(params, ids)
+    got = jax.jit(lambda p, i: sequence_parallel_forward(
+        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data"),
+        compiler_options=FAST_COMPILE)(params, ids)
+    want = jax.jit(lambda p, i: forward(p, config, i), compiler_options=FAST_COMPILE)(params, ids)
     assert oracle.rel_err(got, want) <= 1e-6

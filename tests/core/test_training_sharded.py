@@ -23,7 +23,15 @@ from tests.core.conftest import unhooked
 
 TOL = 1e-5
 MODEL = training.byte_lm_config(hidden_size=32, num_hidden_layers=2, state_size=4)  # I = 64
-LAYOUTS = [(8, 1, 1), (2, 4, 1), (2, 1, 4), (2, 2, 2), (1, 8, 1),
+# Each layout compiles its own step and evaluation (seconds each, all of this file's time),
+# so a layout whose every piece another one runs is no case of its own (test_sharding's
+# train-step layouts also hold both parameter layouts to the single-device step):
+# - data x FSDP, (2, 4, 1): (2, 2, 2) splits the batch over both axes (ShardedScan's
+#   two-axis batch) and (1, 8, 1) shards every parameter over FSDP alone;
+# - data alone, (8, 1, 1): (2, 1, 1, 4) keeps every parameter replicated, (2, 1, 4)
+#   splits the batch (and evaluates) over "data" alone, (1, 8, 1) runs ShardedScan with
+#   one batch axis and no channel axis, the batch in 8 shards.
+LAYOUTS = [(2, 1, 4), (2, 2, 2), (1, 8, 1),
            # the sequence split too: seq_len 16 in shards of 4 and 8 steps
            (2, 1, 1, 4), (1, 2, 2, 2)]
 

@@ -142,16 +142,16 @@ def params_at(level: Level, params: dict[str, Any]) -> Any:
 
 
 def make_inputs(level: Level, config: MambaConfig, seed: int = 0) -> Any:
-    """Batched inputs of `level`: float32 activations or int32 token ids."""
-    key = jax.random.key(100 + seed)
+    """Batched inputs of `level`: float32 activations or int32 token ids, fresh random
+    values drawn with NumPy (jax.random would compile a program per shape)."""
+    rng = np.random.default_rng(100 + seed)
+    shape = (BATCH, LENGTH, config.hidden_size)
     if level == "mixer":
-        return jax.random.normal(key, (BATCH, LENGTH, config.hidden_size), jnp.float32)
+        return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     if level == "block":
-        k1, k2 = jax.random.split(key)
-        shape = (BATCH, LENGTH, config.hidden_size)
-        return (jax.random.normal(k1, shape, jnp.float32),
-                jax.random.normal(k2, shape, jnp.float32))
-    return jax.random.randint(key, (BATCH, LENGTH), 0, config.vocab_size, jnp.int32)
+        return (jnp.asarray(rng.standard_normal(shape).astype(np.float32)),
+                jnp.asarray(rng.standard_normal(shape).astype(np.float32)))
+    return jnp.asarray(rng.integers(0, config.vocab_size, (BATCH, LENGTH)).astype(np.int32))
 
 
 def core_apply(level: Level, config: MambaConfig, params: Any, inputs: Any,
@@ -168,6 +168,81 @@ def core_apply(level: Level, config: MambaConfig, params: Any, inputs: Any,
     if level == "backbone":
         return core.backbone(params, config, inputs, dtype=dtype)
     return core.forward(params, config, inputs, dtype=dtype)
+
+
+# The core's side of the suite is the same for every adapter: CONFIG's parameters, the
+# inputs, and the core's outputs and gradients on them. Each is computed once per process
+# (the same eager calls as before) and shared by every test and every adapter class
+# instead of once per test: most of the suite's time is XLA compiling these tiny programs.
+_SHARED: dict[tuple[Any, ...], Any] = {}
+
+
+def _shared(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    if key not in _SHARED:
+        _SHARED[key] = make()
+    return _SHARED[key]
+
+
+def suite_params() -> dict[str, Any]:
+    """`core_params(CONFIG)`, the parameters every test of the suite uses (immutable
+    arrays: tests must not change the dicts)."""
+    return _shared(("params",), lambda: core_params(CONFIG))
+
+
+def _suite_level(level: Level, lm_params: Any) -> Any:
+    if lm_params is not suite_params():
+        raise ValueError("the shared core references are for suite_params() only")
+    return params_at(level, lm_params)
+
+
+def core_reference(level: Level, lm_params: Any, seed: int = 0, dtype: Any = None) -> Any:
+    """`core_apply(level, CONFIG, params_at(level, lm_params), make_inputs(level, CONFIG,
+    seed), dtype)` for lm_params = suite_params(), computed once."""
+    def make() -> Any:
+        return core_apply(level, CONFIG, _suite_level(level, lm_params),
+                          make_inputs(level, CONFIG, seed), dtype=dtype)
+
+    return _shared(("apply", level, seed, None if dtype is None else jnp.dtype(dtype).name),
+                   make)
+
+
+def core_reference_grads(level: Level, lm_params: Any) -> tuple[Any, Any, Any]:
+    """For lm_params = suite_params(), computed once: (cotangent, d params, d inputs or
+    None) of sum(core_apply(...) * cotangent) on make_inputs(level, CONFIG), the
+    cotangent fresh normal values of the output's shapes."""
+    def make() -> tuple[Any, Any, Any]:
+        params = _suite_level(level, lm_params)
+        inputs = make_inputs(level, CONFIG)
+        # the output's shapes only: no need to run (and compile) the forward for them
+        out = jax.eval_shape(lambda p, x: core_apply(level, CONFIG, p, x), params, inputs)
+        rng = np.random.default_rng(7)
+        cot = jax.tree.map(
+            lambda o: jnp.asarray(rng.standard_normal(o.shape).astype(np.float32)), out)
+
+        def loss(p, x):
+            y = core_apply(level, CONFIG, p, x)
+            return sum(jnp.sum(a.astype(jnp.float32) * c)
+                       for a, c in zip(jax.tree.leaves(y), jax.tree.leaves(cot), strict=True))
+
+        if level in FLOAT_INPUT_LEVELS:
+            d_params, d_inputs = jax.grad(loss, argnums=(0, 1))(params, inputs)
+            return cot, d_params, d_inputs
+        return cot, jax.grad(loss)(params, inputs), None
+
+    return _shared(("grads", level), make)
+
+
+def untied_case() -> tuple[MambaConfig, dict[str, Any], Any, Any, Any]:
+    """CONFIG untied, its parameters (seed 3), lm inputs, and the core's logits and
+    backbone output on them; computed once."""
+    def make() -> tuple[MambaConfig, dict[str, Any], Any, Any, Any]:
+        config = dataclasses.replace(CONFIG, tie_word_embeddings=False)
+        params = core_params(config, seed=3)
+        ids = make_inputs("lm", config)
+        return (config, params, ids, core.forward(params, config, ids),
+                core.backbone(params, config, ids))
+
+    return _shared(("untied",), make)
 
 
 def is_float_array(x: Any) -> bool:
@@ -303,7 +378,19 @@ class MambaConformanceTests(abc.ABC):
     @pytest.fixture(scope="class")
     @classmethod
     def lm_params(cls) -> dict[str, Any]:
-        return core_params(CONFIG)
+        return suite_params()
+
+    # --- shared outputs ----------------------------------------------------------------
+
+    def _eager_output(self, level: Level, lm_params: Any) -> Any:
+        """self.apply(level, self.from_core(level, CONFIG, params_at(level, lm_params)),
+        make_inputs(level, CONFIG)): the tests of outputs, jit and loading all compare with
+        it, so it is computed once per adapter (each eager call compiles anew)."""
+        def make() -> Any:
+            obj = self.from_core(level, CONFIG, _suite_level(level, lm_params))
+            return self.apply(level, obj, make_inputs(level, CONFIG))
+
+        return _shared((type(self).__qualname__, "eager", level), make)
 
     # --- the guard ---------------------------------------------------------------------
 
@@ -323,27 +410,23 @@ class MambaConformanceTests(abc.ABC):
 
     def test_untied_lm_head_round_trip_and_outputs(self) -> None:
         """An untied head: the LM and its backbone alone."""
-        config = dataclasses.replace(CONFIG, tie_word_embeddings=False)
-        params = core_params(config, seed=3)
+        config, params, ids, want_logits, want_hidden = untied_case()
         assert "lm_head" in params
         obj = self.from_core("lm", config, params)
         assert_trees_equal(self.to_core("lm", obj), params, "untied lm params")
-        ids = make_inputs("lm", config)
-        assert_trees_close(self.apply("lm", obj, ids), core.forward(params, config, ids),
-                           SAME_MATH, "untied lm logits")
+        assert_trees_close(self.apply("lm", obj, ids), want_logits, SAME_MATH,
+                           "untied lm logits")
         # the backbone of an untied model holds no head
         bb = self.from_core("backbone", config, params_at("backbone", params))
         assert_trees_equal(self.to_core("backbone", bb), params_at("backbone", params),
                            "untied backbone params")
-        assert_trees_close(self.apply("backbone", bb, ids), core.backbone(params, config, ids),
-                           SAME_MATH, "untied backbone output")
+        assert_trees_close(self.apply("backbone", bb, ids), want_hidden, SAME_MATH,
+                           "untied backbone output")
 
     @pytest.mark.parametrize("level", LEVELS)
     def test_outputs_equal_core_forward(self, level: Level, lm_params) -> None:
-        params = params_at(level, lm_params)
-        inputs = make_inputs(level, CONFIG)
-        got = self.apply(level, self.from_core(level, CONFIG, params), inputs)
-        want = core_apply(level, CONFIG, params, inputs)
+        got = self._eager_output(level, lm_params)
+        want = core_reference(level, lm_params)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert np.asarray(g).dtype == np.asarray(w).dtype, f"{level}: output dtype"
         assert_trees_close(got, want, SAME_MATH, f"{level} output")
@@ -366,29 +449,21 @@ class MambaConformanceTests(abc.ABC):
 
     # --- autodiff, jit -----------------------------------------------------------------
 
-    @pytest.mark.parametrize("level", LEVELS)
+    # Not "backbone": every adapter's LM holds its backbone object, whose parameters are
+    # the LM's backbone.* leaves, so [lm] checks the backbone's gradients (and their
+    # conversion to the core layout) too, as the head's; each level's adapter gradient
+    # is a compile of several seconds per adapter.
+    @pytest.mark.parametrize("level", ("mixer", "block", "lm"))
     def test_gradients_equal_core(self, level: Level, lm_params) -> None:
         params = params_at(level, lm_params)
         inputs = make_inputs(level, CONFIG)
-        out = core_apply(level, CONFIG, params, inputs)
-        leaves = jax.tree.leaves(out)
-        keys = jax.random.split(jax.random.key(7), len(leaves))
-        cot = jax.tree.unflatten(jax.tree.structure(out), [
-            jax.random.normal(k, o.shape, jnp.float32) for k, o in zip(keys, leaves, strict=True)
-        ])
-
-        def loss(p, x):
-            y = core_apply(level, CONFIG, p, x)
-            return sum(jnp.sum(a.astype(jnp.float32) * c)
-                       for a, c in zip(jax.tree.leaves(y), jax.tree.leaves(cot), strict=True))
-
+        # the core's gradients of sum(output * cot), cot fresh normal values
+        cot, want_params, want_inputs = core_reference_grads(level, lm_params)
         obj = self.from_core(level, CONFIG, params)
         d_inputs, d_params = self.grads(level, obj, inputs, cot)
         if level in FLOAT_INPUT_LEVELS:
-            want_params, want_inputs = jax.grad(loss, argnums=(0, 1))(params, inputs)
             assert_trees_close(d_inputs, want_inputs, GRADS, f"{level} d/d inputs")
         else:
-            want_params = jax.grad(loss)(params, inputs)
             assert d_inputs is None, f"{level}: integer inputs have no gradient"
         assert_trees_close(d_params, want_params, GRADS, f"{level} d/d params")
 
@@ -397,23 +472,32 @@ class MambaConformanceTests(abc.ABC):
         params = params_at(level, lm_params)
         obj = self.from_core(level, CONFIG, params)
         inputs = make_inputs(level, CONFIG)
-        eager = self.apply(level, obj, inputs)
+        eager = self._eager_output(level, lm_params)  # self.apply on an object built as obj
         assert_trees_close(self.apply_jit(level, obj, inputs), eager, SAME_MATH, f"{level} jit")
         # new values of the same shapes: nothing of the first inputs is baked in
         inputs2 = make_inputs(level, CONFIG, seed=1)
         assert_trees_close(self.apply_jit(level, obj, inputs2),
-                           core_apply(level, CONFIG, params, inputs2), SAME_MATH,
+                           core_reference(level, lm_params, seed=1), SAME_MATH,
                            f"{level} jit, second call")
 
     # --- decoding ----------------------------------------------------------------------
 
-    @pytest.mark.parametrize("prefill", [1, 5])
-    def test_cached_decoding_equals_full_forward(self, prefill: int, lm_params) -> None:
+    # A one-token prefill (the cached call's one-step path) and a 5-token one (the
+    # parallel scan from a cache), each followed by two cached steps: the second continues
+    # a step's cache, and after the 5-token prefill the steps shift prefill tokens out of
+    # the conv state (conv_kernel 4). Each eager step compiles anew (up to a second), so
+    # the ids stop there rather than at LENGTH.
+    @pytest.mark.parametrize("prefill, length", [(1, 3), (5, 7)])
+    def test_cached_decoding_equals_full_forward(self, prefill: int, length: int,
+                                                 lm_params) -> None:
         lm = self.from_core("lm", CONFIG, lm_params)
-        ids = make_inputs("lm", CONFIG)
+        ids = make_inputs("lm", CONFIG)[:, :length]
         got = self.decode(lm, ids, prefill=prefill)
-        assert np.asarray(got).shape == (BATCH, LENGTH, CONFIG.vocab_size)
-        assert_trees_close(got, self.apply("lm", lm, ids), DECODE, f"prefill {prefill} + steps")
+        assert np.asarray(got).shape == (BATCH, length, CONFIG.vocab_size)
+        # the core's full forward (which the adapter's equals, test_outputs_equal_core_forward)
+        # of all LENGTH ids; causal, so its first `length` positions are those of `ids`
+        want = np.asarray(core_reference("lm", lm_params))[:, :length]
+        assert_trees_close(got, want, DECODE, f"prefill {prefill} + steps")
 
     # --- dtypes ------------------------------------------------------------------------
 
@@ -424,13 +508,13 @@ class MambaConformanceTests(abc.ABC):
         obj = self.from_core(level, CONFIG, params, compute_dtype=jnp.bfloat16)
         assert_trees_equal(self.to_core(level, obj), params, f"{level} params kept float32")
         got = self.apply(level, obj, inputs)
-        want_bf16 = core_apply(level, CONFIG, params, inputs, dtype=jnp.bfloat16)
+        want_bf16 = core_reference(level, lm_params, dtype=jnp.bfloat16)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want_bf16), strict=True):
             assert np.asarray(g).dtype == np.asarray(w).dtype, (
                 f"{level}: output dtype {np.asarray(g).dtype}, the core gives "
                 f"{np.asarray(w).dtype}")
         assert_trees_close(got, want_bf16, BF16_VS_CORE_BF16, f"{level} vs core bf16")
-        assert_trees_close(got, core_apply(level, CONFIG, params, inputs), BF16_VS_F32,
+        assert_trees_close(got, core_reference(level, lm_params), BF16_VS_F32,
                            f"{level} bf16 vs float32")
 
     # --- initialisation ----------------------------------------------------------------
@@ -476,9 +560,9 @@ class MambaConformanceTests(abc.ABC):
         assert any(tmp_path.iterdir()), "save wrote nothing"
         loaded = self.load(level, CONFIG, tmp_path)
         assert_trees_equal(self.to_core(level, loaded), params, f"{level} loaded params")
-        inputs = make_inputs(level, CONFIG)
-        assert_trees_equal(self.apply(level, loaded, inputs), self.apply(level, obj, inputs),
-                           f"{level} outputs after loading")
+        # the saved object's output: self.apply on an object built as obj was
+        assert_trees_equal(self.apply(level, loaded, make_inputs(level, CONFIG)),
+                           self._eager_output(level, lm_params), f"{level} outputs after loading")
 
     # --- drop-in use -------------------------------------------------------------------
 

@@ -39,6 +39,16 @@ def lm(params):
     return MambaLM.from_params(CONFIG, params)
 
 
+# Fresh random inputs drawn with NumPy (jax.random would compile a program per shape).
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def _ids(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, shape),
+                       jnp.int32)
+
+
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
 def test_sizes_positional_options_keyword_only_rngs_required(cls):
     sig = inspect.signature(cls.__init__)
@@ -72,13 +82,12 @@ def test_param_dtype_is_storage_and_dtype_is_compute():
 def test_any_leading_axes_equal_the_core_on_the_flattened_batch(params):
     p = params_at("mixer", params)
     m = MambaMixer.from_params(CONFIG, p)
-    x = jax.random.normal(jax.random.key(0), (1, BATCH, LENGTH, CONFIG.hidden_size))
+    x = _normal(0, (1, BATCH, LENGTH, CONFIG.hidden_size))
     want = mixer(p, CONFIG, x[0])[0]
     np.testing.assert_array_equal(m(x)[0], want)
     assert rel_err(m(x[0, 1]), want[1]) < 1e-6  # no batch axis at all
     lm = MambaLM.from_params(CONFIG, params)
-    ids = jax.random.randint(jax.random.key(1), (BATCH, 1, LENGTH), 0, CONFIG.vocab_size,
-                             jnp.int32)
+    ids = _ids(1, (BATCH, 1, LENGTH))
     np.testing.assert_array_equal(lm(ids)[:, 0], forward(params, CONFIG, ids[:, 0]))
 
 
@@ -99,8 +108,7 @@ def test_stacked_layers_run_under_nnx_scan(params):
     """A user's own nnx.scan over model.layers gives the model's output."""
     model = MambaModel.from_params(CONFIG, {"backbone": params["backbone"]})
     assert model.layers.mixer.in_proj.kernel.shape[0] == CONFIG.num_hidden_layers
-    ids = jax.random.randint(jax.random.key(2), (BATCH, LENGTH), 0, CONFIG.vocab_size,
-                             jnp.int32)
+    ids = _ids(2, (BATCH, LENGTH))
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def run(carry, block):
@@ -167,7 +175,7 @@ def test_save_pretrained_then_from_pretrained_is_exact(tmp_path, tie):
 
 def test_mixer_cache_carries_a_batch_with_leading_axes(params):
     m = MambaMixer.from_params(CONFIG, params_at("mixer", params))
-    x = jax.random.normal(jax.random.key(3), (2, 3, 7, CONFIG.hidden_size), jnp.float32)
+    x = _normal(3, (2, 3, 7, CONFIG.hidden_size))
     with pytest.raises(ValueError, match="call init_cache"):
         m(x, decode=True)
     m.init_cache((2, 3))
@@ -186,7 +194,7 @@ def test_mixer_cache_carries_a_batch_with_leading_axes(params):
 
 def test_decoding_under_nnx_jit_and_nnx_view(params):
     lm = MambaLM.from_params(CONFIG, params)
-    ids = jax.random.randint(jax.random.key(4), (3, 6), 0, CONFIG.vocab_size, jnp.int32)
+    ids = _ids(4, (3, 6))
     full = lm(ids)
     lm.init_cache(3)
     decoding = nnx.view(lm, decode=True)

@@ -15,16 +15,21 @@ from mamba_keras import MambaBackbone, MambaCausalLM
 from tests.keras.layer_test import keras_numpy_semantics, run_layer_test
 from tests.oracle import rel_err
 
+# Building a model compiles the core's init_params for its exact MambaConfig (seconds
+# each), so the tests share few configs: BACKBONE is test_backbone.py's KWARGS, CONFIG
+# is the config of the LM in test_layer_contract (BACKBONE, untied, two eos ids).
 BACKBONE = {"vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 2, "state_size": 4,
             "time_step_rank": 2, "seed": 0}
 CONFIG = core.MambaConfig(
     vocab_size=11, hidden_size=8, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4,
     time_step_rank=2, use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5,
-    residual_in_fp32=True, tie_word_embeddings=False, eos_token_id=(3,), pad_token_id=0)
+    residual_in_fp32=True, tie_word_embeddings=False, eos_token_id=(3, 4), pad_token_id=0)
 
 
 def _ids(length=6, batch=2):
-    return jax.random.randint(jax.random.key(0), (batch, length), 1, 11, jnp.int32)
+    # fresh random ids drawn with NumPy (jax.random would compile a program per shape)
+    ids = np.random.default_rng(0).integers(1, 11, (batch, length)).astype(np.int32)
+    return jnp.asarray(ids)
 
 
 def test_layer_contract(tmp_path):
@@ -97,9 +102,10 @@ def test_generate_is_the_cores():
 def test_decode_step_follows_call_with_cache():
     lm = MambaCausalLM.from_mamba_config(CONFIG, seed=2)
     ids = _ids(length=6)
-    logits, cache = lm.call_with_cache(ids[:, :3], lm.init_cache(2))
+    logits, cache = lm.call_with_cache(ids[:, :4], lm.init_cache(2))
     steps = [logits]
-    for t in range(3, 6):
+    # two steps, the second from the first's cache (each compiles anew)
+    for t in range(4, 6):
         step, cache = lm.decode_step(ids[:, t], cache)
         steps.append(step[:, None])
     assert rel_err(jnp.concatenate(steps, axis=1), lm(ids)) < 1e-4
@@ -108,7 +114,10 @@ def test_decode_step_follows_call_with_cache():
 def test_backbone_given_built_gets_a_fresh_head():
     backbone = MambaBackbone(**BACKBONE)
     backbone.build((None, None))
-    lm = MambaCausalLM(backbone, tie_word_embeddings=False)
+    # CONFIG's token ids: the head's init is then the one a loaded test_layer_contract LM
+    # compiles
+    lm = MambaCausalLM(backbone, tie_word_embeddings=False, eos_token_id=[3, 4], pad_token_id=0)
+    assert lm.mamba_config == CONFIG
     lm.build((None, None))
     head = np.asarray(lm.to_params()["lm_head"]["weight"])
     assert head.shape == (11, 8) and 0 < np.abs(head).max() <= 1 / np.sqrt(8)

@@ -9,7 +9,8 @@ from mamba_keras import MambaMixer
 
 from tests.keras.layer_test import keras_numpy_semantics
 
-VOCAB, HIDDEN = 12, 16
+# the README example's mixer sizes (test_readme.py): the same compiled initialisation
+VOCAB, HIDDEN = 12, 32
 
 
 def _previous_token_task(examples=64, length=16, seed=0):

@@ -41,19 +41,13 @@ TINY = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layer
 VARIANT = dataclasses.replace(TINY, use_bias=True, conv_kernel=3, tie_word_embeddings=False)
 
 
-# The programs here are compile-bound (each runs once or twice on tiny inputs): XLA:CPU
-# backend optimisation level 0 compiles them 2-4x faster. Same HLO, same checks; results
-# differ from level 2's by float32 rounding only, and the bit-for-bit comparisons below are
-# between programs compiled alike.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
 # One compiled program per (config, shapes, impl, dtype) instead of eager op-by-op calls.
-fwd = _jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
+fwd = jax.jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
 
 
 @functools.cache
 def _init_program(config):
-    return _jit(lambda key: init_params(key, config))
+    return jax.jit(lambda key: init_params(key, config))
 
 
 def _init(seed, config):
@@ -107,7 +101,7 @@ def test_layer_pieces_compose_to_the_backbone():
     params = _init(0, config)
     ids = _ids(config, 2, 7)
 
-    @_jit
+    @jax.jit
     def by_pieces(params, ids):
         hidden = params["backbone"]["embeddings"]["weight"][ids]
         residual = None
@@ -119,7 +113,7 @@ def test_layer_pieces_compose_to_the_backbone():
                        config.layer_norm_epsilon)
         return out, lm_head(params, config, out)
 
-    @_jit
+    @jax.jit
     def whole(params, ids):
         embeds = params["backbone"]["embeddings"]["weight"][ids]
         return (backbone(params, config, ids), forward(params, config, ids),
@@ -145,10 +139,10 @@ def test_remat_recomputes_each_layer_without_changing_the_result():
     def loss(params, remat):
         return jnp.sum(forward(params, config, ids, remat=remat) * w)
 
-    run = _jit(jax.value_and_grad(loss), static_argnums=1)
+    run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     (l0, g0), (l1, g1) = run(params, False), run(params, True)
-    plain = _jit(lambda p: forward(p, config, ids))(params)
-    rematted = _jit(lambda p: forward(p, config, ids, remat=True))(params)
+    plain = jax.jit(lambda p: forward(p, config, ids))(params)
+    rematted = jax.jit(lambda p: forward(p, config, ids, remat=True))(params)
     np.testing.assert_array_equal(np.asarray(rematted), np.asarray(plain))
     assert rel_err(l1, l0) <= 1e-6
     errors = {k: rel_err(flatten(g1)[k], g) for k, g in flatten(g0).items()}
@@ -176,7 +170,7 @@ def test_bfloat16_compute_keeps_the_ssm_in_float32():
     params = _init(1, config)
     ids = _ids(config, 2, 9)
     ref = fwd(params, config, ids)
-    logits, cache = _jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
+    logits, cache = jax.jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
         params, ids, init_cache(config, 2, jnp.bfloat16))
     assert logits.dtype == jnp.float32 and cache.ssm_state.dtype == jnp.float32
     assert cache.conv_state.dtype == jnp.bfloat16
@@ -280,7 +274,7 @@ def test_backbone_needs_no_head_and_lm_head_names_a_missing_one():
     params = _init(7, untied)
     ids = _ids(untied, 2, 5)
     headless = {"backbone": params["backbone"]}
-    run_backbone = _jit(backbone, static_argnums=1)
+    run_backbone = jax.jit(backbone, static_argnums=1)
     np.testing.assert_array_equal(run_backbone(headless, untied, ids),
                                   run_backbone(params, untied, ids))
     with pytest.raises(ParamsError, match=r"lm_head: config.tie_word_embeddings is False, so "
@@ -300,7 +294,7 @@ def test_masks_may_be_numpy_bool_or_int():
 
     # One program: the masks are closed over, so forward and decode_step (and their type
     # checks) receive the NumPy arrays themselves, as in an eager call.
-    @_jit
+    @jax.jit
     def every_kind(params, ids, cache):
         ref = forward(params, TINY, ids, mask=jnp.asarray(mask))
         want, _ = decode_step(params, TINY, ids[:, 0], cache, mask=jnp.asarray(mask[:, 0]))
@@ -338,7 +332,7 @@ def full_prefill():
     config = VARIANT
     params = _init(7, config)
     ids = _ids(config, 2, 12, seed=3)
-    full, (_, prefilled) = _jit(lambda p, i: (
+    full, (_, prefilled) = jax.jit(lambda p, i: (
         forward(p, config, i), forward(p, config, i, cache=init_cache(config, 2))))(params, ids)
     return params, ids, full, prefilled
 
@@ -350,7 +344,7 @@ def test_cached_decoding_equals_the_full_forward(impl, full_prefill):
     config = VARIANT
     params, ids, full, prefilled = full_prefill
 
-    @_jit
+    @jax.jit
     def pieces(params, ids):
         cache = init_cache(config, 2)
         out = []
@@ -379,9 +373,9 @@ def test_left_padding_leaves_each_row_as_without_it():
     def run(p, i, m):
         return forward(p, config, i, mask=m, cache=init_cache(config, i.shape[0]))
 
-    logits, cache = _jit(run)(params, ids, mask)
+    logits, cache = jax.jit(run)(params, ids, mask)
     # both rows alone, unpadded, in one program
-    refs = _jit(lambda p, a, b: [run(p, x, jnp.ones(x.shape, bool)) for x in (a, b)])(
+    refs = jax.jit(lambda p, a, b: [run(p, x, jnp.ones(x.shape, bool)) for x in (a, b)])(
         params, short, long)
     for (row, alone), (ref_logits, ref_cache) in zip(((0, short), (1, long)), refs, strict=True):
         assert ref_logits.shape[1] == alone.shape[1]
@@ -425,7 +419,7 @@ def test_decoding_is_constant_work_per_token(impl):
 def _warm_tiny_cache():
     """TINY's params and its cache after 5 random tokens, shared by the impl cases below."""
     params = _init(9, TINY)
-    _, cache = _jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
+    _, cache = jax.jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
         params, _ids(TINY, 2, 5))
     return params, cache
 
@@ -433,7 +427,7 @@ def _warm_tiny_cache():
 @pytest.mark.parametrize("impl", ["auto", "recurrent"])
 def test_masked_rows_keep_their_state_while_decoding(impl):
     params, cache = _warm_tiny_cache()
-    _, after = _jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
+    _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
                                                 mask=jnp.array([True, False]), impl=impl))(
         params, cache)
     np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])

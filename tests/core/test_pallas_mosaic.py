@@ -12,7 +12,6 @@ Three groups:
 
 from __future__ import annotations
 
-import functools
 import unittest.mock
 
 import jax
@@ -41,12 +40,6 @@ needs_gpu = pytest.mark.skipif(
 # everywhere; bfloat16 outputs are rounded to 8 bits of mantissa.
 REL = {"float32": 2e-5, "bfloat16": 1.5e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-# Every kernel call is jitted with XLA:CPU's backend optimisation off: the interpreted
-# kernels are large programs compiled once and run once on small inputs, so optimising
-# their machine code was most of the time. Level 0 computes the same thing (up to float
-# rounding, e.g. fused multiply-adds); every bound is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def make_inputs(rng, b, length, d, n, *, groups=None, dtype="float32", segments=True):
@@ -99,9 +92,9 @@ def scan(impl, x, seg, *, softplus=True):
 
 
 def run(impl, x, seg, *, softplus=True):
-    """(y, final state) of `scan`, jitted (see FAST_COMPILE)."""
+    """(y, final state) of `scan`, jitted: one compiled program."""
     seg = None if seg is None else jnp.asarray(seg)
-    return fast_jit(lambda x, seg: scan(impl, x, seg, softplus=softplus))(x, seg)
+    return jax.jit(lambda x, seg: scan(impl, x, seg, softplus=softplus))(x, seg)
 
 
 def oracle_of(inp, seg, *, softplus=True):
@@ -115,7 +108,7 @@ def oracle_of(inp, seg, *, softplus=True):
 def grads(impl, x, seg, rng, *, softplus=True):
     """Gradients of every float input through y and the final state, random cotangents.
 
-    One jitted VJP (see FAST_COMPILE); the cotangents' shapes come from `eval_shape`,
+    One jitted VJP; the cotangents' shapes come from `eval_shape`,
     so the forward is not run an extra time for them."""
     names = [k for k in NAMES if x.get(k) is not None]
     seg = None if seg is None else jnp.asarray(seg)
@@ -128,7 +121,7 @@ def grads(impl, x, seg, rng, *, softplus=True):
     dy = jnp.asarray(rng.standard_normal(y0.shape), jnp.float32).astype(y0.dtype)
     dh = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
 
-    @fast_jit
+    @jax.jit
     def vjp(vals, seg, cotangents):
         _, pullback = jax.vjp(lambda v: f(v, seg), vals)
         return pullback(cotangents)[0]

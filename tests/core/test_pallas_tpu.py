@@ -17,7 +17,6 @@ No TPU is reachable from CI, so the kernels are proven two ways:
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +41,6 @@ from tests.core.conftest import scan_inputs
 TOL = 1e-5  # float32 against the float64 oracle, relative
 HALF_REL = {"bfloat16": 1e-2, "float16": 2e-3}  # y is rounded to the half dtype
 DIFF_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-# Every kernel call is jitted with XLA:CPU's backend optimisation off: the interpreted
-# kernels are large programs compiled once and run once on small inputs, so optimising
-# their machine code was most of the time. Level 0 computes the same thing (up to float
-# rounding, e.g. fused multiply-adds); every bound is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def _impl(seed: int, **tiles) -> PallasTpuScan:
@@ -82,7 +75,7 @@ def _np64(kwargs: dict) -> dict:
 def _run(impl, kwargs: dict):
     kwargs = dict(kwargs)
     softplus = kwargs.pop("delta_softplus")
-    return fast_jit(lambda kw: selective_scan(**kw, delta_softplus=softplus, impl=impl,
+    return jax.jit(lambda kw: selective_scan(**kw, delta_softplus=softplus, impl=impl,
                                               return_final_state=True))(kwargs)
 
 
@@ -227,9 +220,9 @@ def test_gradients(case):
     weights = (jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32),
                jnp.asarray(rng.standard_normal((b, d, n)), jnp.float32))
     loss, diff = _loss(_impl(seed, **tiles), kwargs, weights)
-    grads = fast_jit(jax.grad(loss))(diff)
+    grads = jax.jit(jax.grad(loss))(diff)
     ref_loss, _ = _loss("reference", kwargs, weights)
-    ref_grads = fast_jit(jax.grad(ref_loss))(diff)
+    ref_grads = jax.jit(jax.grad(ref_loss))(diff)
     # bfloat16 gradients of the activations are rounded to bfloat16 (2**-8).
     bound = TOL if dtype == "float32" else 1e-2
     for k in DIFF_ARGS:
@@ -277,12 +270,11 @@ def test_vmap_and_jit():
         return run
 
     def vmapped_grads(run):
-        return fast_jit(jax.vmap(jax.grad(lambda kw, seg: run(kw, seg)[2])))(kwargs, segment_ids)
+        return jax.jit(jax.vmap(jax.grad(lambda kw, seg: run(kw, seg)[2])))(kwargs, segment_ids)
 
-    # The vmapped calls are themselves jitted, to compile at FAST_COMPILE (jax 0.10.2
-    # takes compiler options on a top-level jit only).
+    # The vmapped calls are themselves jitted: one compiled program each.
     run = f(PallasTpuScan(interpret=True))
-    y, h, _ = fast_jit(jax.vmap(run))(kwargs, segment_ids)
+    y, h, _ = jax.jit(jax.vmap(run))(kwargs, segment_ids)
     grads = vmapped_grads(run)
     ref_grads = vmapped_grads(f("reference"))
     for i, s in enumerate(stacked):
@@ -453,7 +445,7 @@ def test_shard_map_over_batch_forward_and_gradients():
         return y, h, grads
 
     placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in kwargs.items()}
-    y, h, grads = fast_jit(jax.shard_map(
+    y, h, grads = jax.jit(jax.shard_map(
         body, mesh=mesh, in_specs=(specs,),
         out_specs=(P("data"), P("data"), {k: P("data") for k in local_diff}),
         check_vma=False,
@@ -468,7 +460,7 @@ def test_shard_map_over_batch_forward_and_gradients():
         # Per-shard losses sum to the whole batch's: each shard's gradient is its slice.
         return jnp.sum(y * y) + jnp.sum(h)
 
-    ref_grads = fast_jit(jax.grad(ref_loss))({k: kwargs[k] for k in local_diff})
+    ref_grads = jax.jit(jax.grad(ref_loss))({k: kwargs[k] for k in local_diff})
     for k in local_diff:
         assert oracle.rel_err(grads[k], ref_grads[k]) < TOL, k
 
@@ -488,7 +480,7 @@ def test_shard_map_over_batch_and_channels():
         return selective_scan(**kw, delta_softplus=softplus, impl=impl, return_final_state=True)
 
     placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in kwargs.items()}
-    y, h = fast_jit(jax.shard_map(
+    y, h = jax.jit(jax.shard_map(
         body, mesh=mesh, in_specs=(specs,),
         out_specs=(P("data", None, "model"), P("data", "model")), check_vma=False,
     ))(placed)

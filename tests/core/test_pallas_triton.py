@@ -13,7 +13,6 @@ Three groups:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import unittest.mock
 
 import jax
@@ -44,12 +43,6 @@ GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "A": (1, 5)}
 # Relative-error bounds against the float64 oracle (outputs are rounded to the dtype).
 REL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-# Every kernel call is jitted with XLA:CPU's backend optimisation off: the interpreted
-# kernels are large programs compiled once and run once on small inputs, so optimising
-# their machine code was most of the time. Level 0 computes the same thing (up to float
-# rounding, e.g. fused multiply-adds); every bound is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def make_inputs(rng, b, l, d, n, *, groups=None, dtype="float32", segments=True):
@@ -96,9 +89,9 @@ def scan(impl, x, seg, *, softplus=True):
 
 
 def run(impl, x, seg, *, softplus=True):
-    """(y, final state) of `scan`, jitted (see FAST_COMPILE)."""
+    """(y, final state) of `scan`, jitted: one compiled program."""
     seg = None if seg is None else jnp.asarray(seg)
-    return fast_jit(lambda x, seg: scan(impl, x, seg, softplus=softplus))(x, seg)
+    return jax.jit(lambda x, seg: scan(impl, x, seg, softplus=softplus))(x, seg)
 
 
 def oracle_of(inp, seg, *, softplus=True):
@@ -112,7 +105,7 @@ def oracle_of(inp, seg, *, softplus=True):
 def grads(impl, x, seg, rng, *, softplus=True):
     """Gradients of every float input through y and the final state, random cotangents.
 
-    One jitted VJP (see FAST_COMPILE); the cotangents' shapes come from `eval_shape`,
+    One jitted VJP; the cotangents' shapes come from `eval_shape`,
     so the forward is not run an extra time for them."""
     names = [k for k in NAMES if x.get(k) is not None]
     seg = None if seg is None else jnp.asarray(seg)
@@ -125,7 +118,7 @@ def grads(impl, x, seg, rng, *, softplus=True):
     dy = jnp.asarray(rng.standard_normal(y0.shape), jnp.float32).astype(y0.dtype)
     dh = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
 
-    @fast_jit
+    @jax.jit
     def vjp(vals, seg, cotangents):
         _, pullback = jax.vjp(lambda v: f(v, seg), vals)
         return pullback(cotangents)[0]
@@ -314,8 +307,8 @@ def test_interpret_under_jit_and_vmap():
     inp, _ = make_inputs(rng, 1, 8, 4, 2, segments=False)
     x = to_jax(inp, "float32")
     f = jax.jit(lambda x: scan(interp(), x, None)[0])
-    # vmapped under a top-level jit: compiled at FAST_COMPILE
-    y = fast_jit(jax.vmap(lambda u: f({**x, "u": u})))(jnp.stack([x["u"], x["u"] * 0.5]))
+    # vmapped under a top-level jit
+    y = jax.jit(jax.vmap(lambda u: f({**x, "u": u})))(jnp.stack([x["u"], x["u"] * 0.5]))
     for i, scale in enumerate((1.0, 0.5)):
         y_ref, _ = oracle_of({**inp, "u": inp["u"] * scale}, None)
         assert_close(f"y[{i}]", y[i], y_ref, *TOL["float32"], 1e-5)

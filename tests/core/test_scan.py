@@ -41,11 +41,6 @@ IMPLS = {
     "chunked-sequential-13-unroll-3": ChunkedScan(chunk_size=13, inner="sequential", unroll=3),
 }
 DIFF_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-# The programs here are compile-bound (most run once, on tiny inputs): XLA:CPU backend
-# optimisation level 0 compiles them about twice as fast. Same HLO, same checks; results
-# differ from level 2's by float32 rounding only, and the exact comparisons below are
-# between programs compiled alike.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _jnp(kwargs: dict, dtype=None) -> dict:
@@ -60,8 +55,7 @@ def _jnp(kwargs: dict, dtype=None) -> dict:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus"),
-                   compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus"))
 def _scan(impl, delta_softplus, kwargs):
     return selective_scan(**kwargs, delta_softplus=delta_softplus, impl=impl,
                           return_final_state=True)
@@ -159,8 +153,7 @@ def test_half_precision_inputs(impl, dtype):
 # Gradients
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus"),
-                   compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnames=("impl", "delta_softplus"))
 def _value_and_grad(diff, rest, weights, *, impl, delta_softplus):
     """A scalar touching every output, sum(y * wy) + sum(h * wh), and its gradient with
     respect to every input in `diff`. One jitted function for every test, so that a
@@ -350,8 +343,7 @@ def test_implementation_under_jit_vmap_grad(name):
     stacked = {n: jnp.stack([kwargs[n], extra[n]]) for n in mapped}
     shared = {n: v for n, v in kwargs.items() if n not in mapped and n != "delta_softplus"}
     vfn = jax.jit(jax.vmap(lambda s: selective_scan(**s, **shared, delta_softplus=True,
-                                                    impl=name, return_final_state=True)),
-                  compiler_options=FAST_COMPILE)
+                                                    impl=name, return_final_state=True)))
     vy, vh = vfn(stacked)
     assert vy.shape == (k, *y.shape) and vh.shape == (k, *h.shape)
     for i, one in enumerate((kwargs, extra)):

@@ -40,10 +40,6 @@ from tests.core.conftest import unhooked
 
 TOL = 1e-5
 BATCH, LENGTH = 4, 32
-# This file's programs are compile-bound (each runs once or twice on tiny inputs): XLA:CPU
-# backend optimisation level 0 compiles them 2-4x faster. Same HLO, same checks; the
-# results differ from level 2's by float32 rounding only.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 CONFIGS = {
     # conv_kernel 4, every bias, untied head, float32 residual
@@ -86,16 +82,16 @@ def _loss_fn(logits_fn):
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         return jnp.mean(nll), logits
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 @functools.cache
 def _init_program(config):
-    return jax.jit(lambda key: init_params(key, config), compiler_options=FAST_COMPILE)
+    return jax.jit(lambda key: init_params(key, config))
 
 
 def _init(seed, config):
-    """init_params(jax.random.key(seed), config), compiled once per config at FAST_COMPILE."""
+    """init_params(jax.random.key(seed), config), compiled once per config."""
     return _init_program(config)(jax.random.key(seed))
 
 
@@ -171,16 +167,16 @@ def test_warm_cache_mask_and_embeds():
     mask[1, :5] = False  # padding ending inside the first shard
     mask[2, :12] = False  # padding over the first shard and into the second
     mask = jnp.asarray(mask)
-    want = jax.jit(lambda p, i, c, m: forward(p, config, i, cache=c, mask=m),
-                   compiler_options=FAST_COMPILE)(params, ids, cache, mask)
+    want = jax.jit(lambda p, i, c, m: forward(p, config, i, cache=c, mask=m))(params, ids, cache,
+                                                                              mask)
     mesh = make_mesh({"data": 2, "seq": 4})
     got = jax.jit(lambda p, i, c, m: sequence_parallel_forward(
-        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data", cache=c, mask=m),
-        compiler_options=FAST_COMPILE)(params, ids, cache, mask)
+        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data", cache=c, mask=m))(
+            params, ids, cache, mask)
     embeds = jnp.take(params["backbone"]["embeddings"]["weight"], ids, axis=0)
     from_embeds = jax.jit(lambda p, e, c, m: sequence_parallel_forward(
-        p, config, mesh=mesh, sequence_axis="seq", inputs_embeds=e, cache=c, mask=m),
-        compiler_options=FAST_COMPILE)(params, embeds, cache, mask)
+        p, config, mesh=mesh, sequence_axis="seq", inputs_embeds=e, cache=c, mask=m))(
+            params, embeds, cache, mask)
     assert isinstance(got[1], MambaCache)
     errors = _errors(got, want, "ids") | _errors(from_embeds, want, "embeds")
     bad = {k: e for k, e in errors.items() if not e <= TOL}
@@ -196,8 +192,7 @@ def test_mixer_inside_a_users_shard_map():
     x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, config.hidden_size)), jnp.float32)
     cache = _warm_cache(config, BATCH, 7)
     state = MixerState(cache.conv_state[0], cache.ssm_state[0])
-    want = jax.jit(lambda x, s: mixer(layer, config, x, state=s),
-                   compiler_options=FAST_COMPILE)(x, state)
+    want = jax.jit(lambda x, s: mixer(layer, config, x, state=s))(x, state)
 
     mesh = make_mesh({"rows": 2, "seq": 4})
     spec_x = P("rows", "seq", None)
@@ -205,7 +200,7 @@ def test_mixer_inside_a_users_shard_map():
     body = jax.shard_map(
         lambda x, s: mixer(layer, config, x, state=s, sequence_axis="seq"), mesh=mesh,
         in_specs=(spec_x, spec_s), out_specs=(spec_x, spec_s), check_vma=False)
-    got = jax.jit(body, compiler_options=FAST_COMPILE)(x, state)
+    got = jax.jit(body)(x, state)
     errors = _errors(got, want, "")
     bad = {k: e for k, e in errors.items() if not e <= TOL}
     assert len(errors) == 3 and not bad, f"relative errors above {TOL}: {bad}"
@@ -270,7 +265,6 @@ def test_one_shard_is_the_plain_model():
     ids = _tokens(config, 3, batch=8, length=8)[:, :-1]
     mesh = make_mesh({"data": 8, "seq": 1})
     got = jax.jit(lambda p, i: sequence_parallel_forward(
-        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data"),
-        compiler_options=FAST_COMPILE)(params, ids)
-    want = jax.jit(lambda p, i: forward(p, config, i), compiler_options=FAST_COMPILE)(params, ids)
+        p, config, i, mesh=mesh, sequence_axis="seq", batch_axis="data"))(params, ids)
+    want = jax.jit(lambda p, i: forward(p, config, i))(params, ids)
     assert oracle.rel_err(got, want) <= 1e-6

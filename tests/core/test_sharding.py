@@ -41,11 +41,6 @@ from tests.core.conftest import unhooked
 
 TOL = 1e-5
 BATCH, LENGTH, DIM, STATE = 4, 32, 8, 4
-# Every program here is jitted with XLA:CPU's backend optimisation off: each is compiled
-# once and run once on tiny inputs, so optimising its machine code was most of the time.
-# Level 0 computes the same thing (up to float rounding, e.g. fused multiply-adds);
-# every bound is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # Every test runs on the (2, 2, 2) mesh; layouts name which axes split what.
 LAYOUTS = {
@@ -128,7 +123,7 @@ def _run(scan_fn, x: dict):
 
     diff = {k: x[k] for k in names}
     rest = {k: v for k, v in x.items() if k not in names and not k.startswith("_")}
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, (y, h)), grads = step(diff, rest)
     return y, h, grads
 
@@ -237,7 +232,6 @@ def test_matches_float64_oracle(mesh):
             delta_bias=bias, delta_softplus=True, initial_state=h0, segment_ids=seg,
             return_final_state=True, impl="reference",
         ),
-        compiler_options=FAST_COMPILE,
     )(*(x[k] for k in (*DIFF_ARGS, "segment_ids")))
     y_ref, h_ref = oracle.selective_scan(
         *(x[k] for k in ("u", "delta", "A", "B", "C", "D")), z=x["z"],
@@ -377,11 +371,11 @@ def _train_step(optimizer):
 def single_device_step():
     """One AdamW step of the LM on one device: inputs and (loss, grads, params, opt_state)."""
     optimizer = make_optimizer(TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-2))
-    params = jax.jit(lambda key: init_params(key, _LM), compiler_options=FAST_COMPILE)(
+    params = jax.jit(lambda key: init_params(key, _LM))(
         jax.random.key(0))
     opt_state = optimizer.init(params)
     # A first step so the moments are not zero when the sharded step starts.
-    step = jax.jit(_train_step(optimizer), compiler_options=FAST_COMPILE)
+    step = jax.jit(_train_step(optimizer))
     tokens0 = jax.random.randint(jax.random.key(1), (8, 17), 0, _LM.vocab_size, jnp.int32)
     _, _, params, opt_state = step(params, opt_state, tokens0)
     tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, _LM.vocab_size, jnp.int32)
@@ -405,7 +399,6 @@ def test_train_step_layouts_match_single_device(single_device_step, layout):
         _train_step(optimizer),
         in_shardings=(sh.params, sh.opt_state, sh.batch),
         out_shardings=(replicated, sh.params, sh.params, sh.opt_state),
-        compiler_options=FAST_COMPILE,
     )(*placed)
     names = ("loss", "grads", "params", "opt_state")
     errors = {}

@@ -428,7 +428,7 @@ def _warm_tiny_cache():
 def test_masked_rows_keep_their_state_while_decoding(impl):
     params, cache = _warm_tiny_cache()
     _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
-                                                mask=jnp.array([True, False]), impl=impl))(
+                                                   mask=jnp.array([True, False]), impl=impl))(
         params, cache)
     np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])
     np.testing.assert_array_equal(after.conv_state[:, 1], cache.conv_state[:, 1])

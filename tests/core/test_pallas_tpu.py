@@ -17,7 +17,6 @@ No TPU is reachable from CI, so the kernels are proven two ways:
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +75,7 @@ def _run(impl, kwargs: dict):
     kwargs = dict(kwargs)
     softplus = kwargs.pop("delta_softplus")
     return jax.jit(lambda kw: selective_scan(**kw, delta_softplus=softplus, impl=impl,
-                                              return_final_state=True))(kwargs)
+                                             return_final_state=True))(kwargs)
 
 
 def _boundary_segments(batch: int, length: int, boundary: int) -> np.ndarray:

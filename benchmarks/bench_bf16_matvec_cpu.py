@@ -10,6 +10,8 @@ could run with float32 arithmetic on bfloat16 weights:
 * bfloat16 weights with the float32 vector split exactly into three bfloat16 rows
   (x = a + b + c), a bfloat16 x bfloat16 -> float32 dot of three rows, the rows summed:
   float32-exact products, float32 accumulation;
+* bfloat16 weights converted, multiplied and summed along each row in one fused reduce
+  (no dot, no converted copy of the weights);
 * for scale: bfloat16 dots of 1 and 8 rows of a bfloat16 vector (not float32 arithmetic).
 
 Each iteration's vector depends on the previous result, so nothing is hoisted. Rounds
@@ -47,6 +49,8 @@ FORMS = {
     "bfloat16 weights, converted in the loop, 1 row": lambda x, w: w.astype(F32) @ x,
     "bfloat16 weights, x split in 3 bfloat16 rows": lambda x, w: jnp.sum(
         jnp.einsum("mh,vh->mv", split3(x), w, preferred_element_type=F32), axis=0),
+    "bfloat16 weights, fused convert-multiply-reduce, 1 row": lambda x, w: jnp.sum(
+        w.astype(F32) * x[None, :], axis=1),
     "bfloat16 weights and x, 1 row (not float32)": lambda x, w: jnp.einsum(
         "h,vh->v", x.astype(BF16), w, preferred_element_type=F32),
     "bfloat16 weights and x, 8 rows (not float32)": lambda x, w: jnp.einsum(

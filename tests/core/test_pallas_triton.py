@@ -407,18 +407,19 @@ def test_kernel_config_backward_splits(dtype, length, state, splits):
         assert [first for first, _ in ranges[:-1]] == ends[1:]
 
 
-@pytest.mark.parametrize("dtype, state, a_rows, infer_unroll", [
-    ("bfloat16", 16, True, 8), ("float16", 16, True, 8), ("float32", 16, False, 4),
+@pytest.mark.parametrize("dtype, state, a_rows, unroll", [
+    ("bfloat16", 16, True, 8), ("float16", 16, True, 8), ("float32", 16, False, 8),
     ("bfloat16", 64, False, 2),
 ])
-def test_kernel_config_forward_layouts(dtype, state, a_rows, infer_unroll):
-    # The row-by-row inference forward (8-step sub-tiles) only for 2-byte inputs at
-    # up to 16 state entries a thread; the forward that saves states never uses it.
+def test_kernel_config_forward_layouts(dtype, state, a_rows, unroll):
+    # The row-by-row inference forward only for 2-byte inputs at up to 16 state entries
+    # a thread; the forward that saves states never uses it. 8-step sub-tiles up to 16
+    # state entries a thread, fewer beyond.
     cfg = PallasTritonScan().kernel_config(
         spec(dim=2048, state=state, length=2048, dtype=dtype), softplus=True, has_D=True,
         has_bias=True, has_h0=False,
     )
-    assert (cfg.a_rows, cfg.infer_unroll) == (a_rows, infer_unroll)
+    assert (cfg.a_rows, cfg.unroll, cfg.infer_unroll) == (a_rows, unroll, unroll)
     assert cfg.tile % cfg.infer_unroll == 0 and cfg.tile % cfg.unroll == 0
     assert cfg.fast_math
 

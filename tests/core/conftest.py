@@ -12,10 +12,12 @@ import inspect
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from jaxtyping import TypeCheckError
+from mamba_ssm_core import init_params
 
 settings.register_profile(
     "core-ci",
@@ -104,3 +106,12 @@ def raises_about(exc: type[Exception], name: str):
 def unhooked(fn):
     """`fn` without the jaxtyping/beartype wrapper, so the op's own validation runs."""
     return inspect.unwrap(fn)
+
+
+_init_params = jax.jit(init_params, static_argnums=1)
+
+
+def init_params_at(seed: int, config):
+    """init_params(jax.random.key(seed), config) as a test's input: one compiled program
+    per config, not one per op (the tests of init_params itself call it directly)."""
+    return _init_params(jax.random.key(seed), config)

@@ -30,6 +30,7 @@ from mamba_ssm_core import (
     rms_norm,
 )
 from mamba_ssm_core.params import flatten
+from tests.core.conftest import init_params_at
 from tests.oracle import rel_err
 
 TINY = MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
@@ -43,17 +44,6 @@ VARIANT = dataclasses.replace(TINY, use_bias=True, conv_kernel=3, tie_word_embed
 
 # One compiled program per (config, shapes, impl, dtype) instead of eager op-by-op calls.
 fwd = jax.jit(forward, static_argnums=(1,), static_argnames=("impl", "dtype"))
-
-
-@functools.cache
-def _init_program(config):
-    return jax.jit(lambda key: init_params(key, config))
-
-
-def _init(seed, config):
-    """init_params(jax.random.key(seed), config) as test input (the init tests below call
-    init_params itself), compiled once per config at optimisation level 0."""
-    return _init_program(config)(jax.random.key(seed))
 
 
 def _ids(config, batch, length, seed=0):
@@ -98,7 +88,7 @@ def test_layer_pieces_compose_to_the_backbone():
     """What an adapter does with the pieces (embedding, residual_block per layer, final
     norm, lm_head) is the model."""
     config = VARIANT  # two layers: the residual stream passes from one block to the next
-    params = _init(0, config)
+    params = init_params_at(0, config)
     ids = _ids(config, 2, 7)
 
     @jax.jit
@@ -131,7 +121,7 @@ def test_remat_recomputes_each_layer_without_changing_the_result():
     same program's result bit for bit, the gradients agree to rounding, and the
     backward pass recomputes the layer (a remat in the jaxpr) instead of storing it."""
     config = VARIANT
-    params = _init(4, config)
+    params = init_params_at(4, config)
     ids = _ids(config, 2, 9, seed=3)
     w = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, config.vocab_size)),
                     jnp.float32)
@@ -167,7 +157,7 @@ def test_compiled_program_does_not_grow_with_depth():
 
 def test_bfloat16_compute_keeps_the_ssm_in_float32():
     config = TINY
-    params = _init(1, config)
+    params = init_params_at(1, config)
     ids = _ids(config, 2, 9)
     ref = fwd(params, config, ids)
     logits, cache = jax.jit(lambda p, i, c: forward(p, config, i, dtype=jnp.bfloat16, cache=c))(
@@ -254,7 +244,7 @@ def test_init_floors_dt_and_skips_the_rescale_when_asked():
 
 
 def test_bad_params_list_every_problem():
-    params = _init(5, TINY)
+    params = init_params_at(5, TINY)
     layers = params["backbone"]["layers"]
     del layers["mixer"]["D"]
     layers["mixer"]["x_proj"]["weight"] = layers["mixer"]["x_proj"]["weight"][:, :, :-1]
@@ -271,7 +261,7 @@ def test_bad_params_list_every_problem():
 def test_backbone_needs_no_head_and_lm_head_names_a_missing_one():
     untied = VARIANT
     assert not untied.tie_word_embeddings
-    params = _init(7, untied)
+    params = init_params_at(7, untied)
     ids = _ids(untied, 2, 5)
     headless = {"backbone": params["backbone"]}
     run_backbone = jax.jit(backbone, static_argnums=1)
@@ -287,7 +277,7 @@ def test_backbone_needs_no_head_and_lm_head_names_a_missing_one():
 
 
 def test_masks_may_be_numpy_bool_or_int():
-    params = _init(9, TINY)
+    params = init_params_at(9, TINY)
     ids = _ids(TINY, 2, 6)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], bool)
     cache = init_cache(TINY, 2)
@@ -309,7 +299,7 @@ def test_masks_may_be_numpy_bool_or_int():
 
 
 def test_bad_inputs_are_refused():
-    params = _init(6, TINY)
+    params = init_params_at(6, TINY)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=50\), got values in \[0, 50\]"):
         forward(params, TINY, jnp.array([[0, 50]], jnp.int32))
     with pytest.raises(Exception, match="input_ids"):
@@ -330,7 +320,7 @@ def full_prefill():
     """VARIANT (conv kernel 3, biases) on 12 random tokens: params, ids, and the full
     forward's logits and cache, both from one program shared by the impl cases."""
     config = VARIANT
-    params = _init(7, config)
+    params = init_params_at(7, config)
     ids = _ids(config, 2, 12, seed=3)
     full, (_, prefilled) = jax.jit(lambda p, i: (
         forward(p, config, i), forward(p, config, i, cache=init_cache(config, 2))))(params, ids)
@@ -365,7 +355,7 @@ def test_cached_decoding_equals_the_full_forward(impl, full_prefill):
 
 def test_left_padding_leaves_each_row_as_without_it():
     config = VARIANT  # in_proj bias: padding must not feed it
-    params = _init(8, config)
+    params = init_params_at(8, config)
     short, long = _ids(config, 1, 3, seed=4), _ids(config, 1, 7, seed=5)
     pad = jnp.full((1, 4), 9, jnp.int32)  # a real token id in the padding
     ids = jnp.concatenate([jnp.concatenate([pad, short], axis=1), long], axis=0)
@@ -418,7 +408,7 @@ def test_decoding_is_constant_work_per_token(impl):
 @functools.cache
 def _warm_tiny_cache():
     """TINY's params and its cache after 5 random tokens, shared by the impl cases below."""
-    params = _init(9, TINY)
+    params = init_params_at(9, TINY)
     _, cache = jax.jit(lambda p, i: forward(p, TINY, i, cache=init_cache(TINY, 2)))(
         params, _ids(TINY, 2, 5))
     return params, cache

@@ -11,7 +11,6 @@ and the errors for bad splits and axes.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,6 @@ from mamba_ssm_core import (
     ShardedScan,
     forward,
     init_cache,
-    init_params,
     layer_params,
     make_mesh,
     mixer,
@@ -36,7 +34,7 @@ from mamba_ssm_core import (
 )
 
 from tests import oracle
-from tests.core.conftest import unhooked
+from tests.core.conftest import init_params_at, unhooked
 
 TOL = 1e-5
 BATCH, LENGTH = 4, 32
@@ -85,16 +83,6 @@ def _loss_fn(logits_fn):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@functools.cache
-def _init_program(config):
-    return jax.jit(lambda key: init_params(key, config))
-
-
-def _init(seed, config):
-    """init_params(jax.random.key(seed), config), compiled once per config."""
-    return _init_program(config)(jax.random.key(seed))
-
-
 @pytest.fixture(scope="module")
 def single_device():
     """(params, tokens, (loss, logits), grads) of the unsplit model, per config."""
@@ -103,7 +91,7 @@ def single_device():
     def get(name):
         if name not in done:
             config = CONFIGS[name]
-            params = _init(7, config)
+            params = init_params_at(7, config)
             tokens = _tokens(config, 1)
             step = _loss_fn(lambda p, ids: forward(p, config, ids))
             done[name] = (params, tokens, *step(params, tokens))
@@ -160,7 +148,7 @@ def test_warm_cache_mask_and_embeds():
     forward's logits and cache (conv state from the last shard, SSM state folded over
     all of them); inputs_embeds gives the same as the ids."""
     config = CONFIGS["k4"]
-    params = _init(3, config)
+    params = init_params_at(3, config)
     ids = _tokens(config, 2)[:, :-1]
     cache = _warm_cache(config, BATCH, 4)
     mask = np.ones((BATCH, LENGTH), bool)
@@ -187,7 +175,7 @@ def test_mixer_inside_a_users_shard_map():
     """`mixer(..., sequence_axis=)` in one's own shard_map: output and the returned state
     of the whole sequence equal the unsplit mixer's."""
     config = CONFIGS["k3"]
-    layer = layer_params(_init(5, config), 0)["mixer"]
+    layer = layer_params(init_params_at(5, config), 0)["mixer"]
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, config.hidden_size)), jnp.float32)
     cache = _warm_cache(config, BATCH, 7)
@@ -208,7 +196,7 @@ def test_mixer_inside_a_users_shard_map():
 
 def test_bad_splits_and_axes_raise():
     config = CONFIGS["k4"]
-    params = _init(0, config)
+    params = init_params_at(0, config)
     ids = _tokens(config, 0, length=30)[:, :-1]  # (4, 30)
     mesh = make_mesh({"data": 2, "seq": 4})
     spf = unhooked(sequence_parallel_forward)
@@ -261,7 +249,7 @@ def test_bad_splits_and_axes_raise():
 def test_one_shard_is_the_plain_model():
     """A sequence axis of size 1 splits nothing: the plain model's program and result."""
     config = CONFIGS["k4"]  # (its init_params program is compiled for the tests above)
-    params = _init(1, config)
+    params = init_params_at(1, config)
     ids = _tokens(config, 3, batch=8, length=8)[:, :-1]
     mesh = make_mesh({"data": 8, "seq": 1})
     got = jax.jit(lambda p, i: sequence_parallel_forward(

@@ -33,11 +33,11 @@ from mamba_ssm_core import (
     train_shardings,
 )
 from mamba_ssm_core.config import MambaConfig
-from mamba_ssm_core.params import abstract_params, flatten, init_params
+from mamba_ssm_core.params import abstract_params, flatten
 from mamba_ssm_core.training import TrainConfig, lm_loss, make_optimizer
 
 from tests import oracle
-from tests.core.conftest import unhooked
+from tests.core.conftest import init_params_at, unhooked
 
 TOL = 1e-5
 BATCH, LENGTH, DIM, STATE = 4, 32, 8, 4
@@ -371,8 +371,7 @@ def _train_step(optimizer):
 def single_device_step():
     """One AdamW step of the LM on one device: inputs and (loss, grads, params, opt_state)."""
     optimizer = make_optimizer(TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-2))
-    params = jax.jit(lambda key: init_params(key, _LM))(
-        jax.random.key(0))
+    params = init_params_at(0, _LM)
     opt_state = optimizer.init(params)
     # A first step so the moments are not zero when the sharded step starts.
     step = jax.jit(_train_step(optimizer))

@@ -4,8 +4,8 @@
     python benchmarks/triton_probe.py --ncu ['{kw}']     # one fwd+bwd call per dtype, for ncu
 
 configs.json: a list of {"fwd": bool, "bwd": bool, "dtypes": [...], "kw": {...}}
-(PallasTritonScan keyword arguments). Batch 8, length 2048 (or "length"), dim 2048,
-state 16, softplus + delta bias + D + z, the inputs of bench_scan_gpu.py. Each
+(PallasTritonScan keyword arguments). Batch 8, length 2048 (or "length"), dim 2048
+(or "dim"), state 16, softplus + delta bias + D + z, the inputs of bench_scan_gpu.py. Each
 config's y and gradients are compared with the default configuration's (relative
 error), so a fast but wrong variant shows. bench_scan_gpu.py makes the reported table.
 """
@@ -39,16 +39,16 @@ def main(argv):
     cache = {}
     base = {}
     for c in configs:
-        length = c.get("length", 2048)
+        length, dim = c.get("length", 2048), c.get("dim", 2048)
         for dtype in c.get("dtypes", ["bfloat16"]):
-            key = (dtype, length)
+            key = (dtype, length, dim)
             if key not in cache:
-                cache[key] = bs.make_inputs(jax.random.key(3), 8, length, 2048, 16,
+                cache[key] = bs.make_inputs(jax.random.key(3), 8, length, dim, 16,
                                             jnp.dtype(dtype))
                 ref = bs.fwd_bwd_fn(m.PallasTritonScan())(*cache[key])
                 base[key] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ref)
             args, dy = cache[key]
-            row = dict(kw=c["kw"], dtype=dtype, length=length)
+            row = dict(kw=c["kw"], dtype=dtype, length=length, dim=dim)
             try:
                 impl = m.PallasTritonScan(**c["kw"])
                 if c.get("fwd", True):

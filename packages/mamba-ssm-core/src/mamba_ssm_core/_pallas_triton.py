@@ -77,6 +77,15 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _sm_count() -> int:
+    """Streaming multiprocessors of the first GPU; an H100's 132 where none is visible
+    (lowering for an abstract device, the interpreter)."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except (RuntimeError, AttributeError, ValueError, IndexError, TypeError):
+        return 132
+
+
 def _cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the first GPU, or None if it is no CUDA device."""
     try:
@@ -119,6 +128,7 @@ class _Kernel:
     backward: str
     fast_math: bool  # MUFU instructions for exp2, exp and reciprocals (see _asm)
     a_rows: bool  # forward without saved states: A (and h0) row by row (see _load_2d)
+    save_a_rows: bool  # the same for the forward that saves states
     interpret: bool
 
     @property
@@ -284,10 +294,8 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
     ins, rest = _unpack(refs, (*_input_names(cfg), ("h0", cfg.has_h0)))
     y_ref, hlast_ref, *ck = rest
     ck_ref = ck[0] if save else None
-    # Without saved states (inference) the row-by-row layout with longer sub-tiles
-    # is faster for 2-byte inputs; with them (or float32 rows) it spills registers.
-    K = cfg.infer_unroll if not save else cfg.unroll
-    a_rows = cfg.a_rows and not save
+    K = cfg.unroll if save else cfg.infer_unroll
+    a_rows = cfg.save_a_rows if save else cfg.a_rows
     n_sub = cfg.tile // K
     names = ("u", "dt", "z", "B", "C", "keep")
 
@@ -323,18 +331,22 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
             nxt = load(s + 1)
         else:
             h, rows = carry, load(s)
-        if ck_ref is not None:
-            # lax.rem/div: jnp's % and // lower to compositions Triton rejects
-            @pl.when(jax.lax.rem(s, n_sub) == 0)
-            def _():
-                ck_ref[jax.lax.div(s, n_sub)] = h
-
         h = compute(s, rows, h)
         return (h, nxt) if cfg.prefetch else h
 
+    def tile_body(c, carry):
+        # The state is saved between two loops, not under a branch in one: with the
+        # store inside the step loop Triton gave the whole loop the store's layout
+        # (H100: forward+backward 4.8 ms against 2.85 with a_rows; see RESULTS.md).
+        ck_ref[c] = carry[0] if cfg.prefetch else carry
+        return jax.lax.fori_loop(c * n_sub, (c + 1) * n_sub, body, carry)
+
     h = _load_2d(ins["h0"], a_rows) if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
     init = (h, load(0)) if cfg.prefetch else h
-    out = jax.lax.fori_loop(0, cfg.n_tiles * n_sub, body, init)
+    if save:
+        out = jax.lax.fori_loop(0, cfg.n_tiles, tile_body, init)
+    else:
+        out = jax.lax.fori_loop(0, cfg.n_tiles * n_sub, body, init)
     hlast_ref[...] = out[0] if cfg.prefetch else out
 
 
@@ -793,9 +805,9 @@ class PallasTritonScan(ScanImplementation):
     fast_math: exp2, exp and reciprocals as single PTX approximations (ex2.approx,
       rcp.approx; 2 ulp, denormals flushed) instead of libdevice's, and explicit
       fused multiply-adds (GPU only).
-    a_rows: the forward without saved states (inference; not under a gradient) loads
-      A and the initial state one state entry at a time (see `_load_2d`); None: for
-      2-byte inputs while a thread holds at most 16 state entries.
+    a_rows: the forwards load A and the initial state one state entry at a time (see
+      `_load_2d`); None: while a thread holds at most 16 state entries, in the forward
+      without saved states (inference; not under a gradient) only for 2-byte inputs.
     interpret: run the kernels in Pallas' interpreter (CPU; for tests).
     """
 
@@ -893,10 +905,21 @@ class PallasTritonScan(ScanImplementation):
         # 12.44 -> 12.14 bf16 at 8192), 4 or fewer beyond that.
         unroll = self.unroll or (8 if fwd_per_thread <= 16
                                  else max(1, min(4, 64 // fwd_per_thread)))
+        # A row by row while a thread holds at most 16 state entries: in the forward
+        # that saves states for every dtype, in the inference forward for 2-byte
+        # inputs (float32 rows spill registers there).
+        save_a_rows = fwd_per_thread <= 16 if self.a_rows is None else self.a_rows
         a_rows = self.a_rows
         if a_rows is None:
-            a_rows = fwd_per_thread <= 16 and spec.dtype != "float32"
-        infer_unroll = self.unroll or (8 if a_rows else unroll)
+            a_rows = save_a_rows and spec.dtype != "float32"
+        # The inference forward's 8-step sub-tiles: as fast as 4-step ones up to about
+        # 8 one-warp programs an SM, 1.4x slower beyond (H100, batch 8, bf16: dim 4096,
+        # 7.8 programs an SM, 0.75 ms either way; dim 5120, 9.7, 1.38 against 0.98 ms;
+        # float32 likewise). Presumably their registers keep the SM to 8 warps, so a
+        # larger grid takes two waves; 4-step sub-tiles need fewer.
+        warps_total = spec.batch * (spec.groups * dgp // bd) * (self.num_warps or warps(bd))
+        one_wave = warps_total <= 8 * _sm_count()
+        infer_unroll = self.unroll or (unroll if one_wave else min(unroll, 4))
         bwd_unroll = self.bwd_unroll or max(1, min(unroll, 32 // per_thread))
         bwd_prefetch = (
             per_thread * bwd_unroll <= 32 if self.bwd_prefetch is None else self.bwd_prefetch
@@ -949,6 +972,7 @@ class PallasTritonScan(ScanImplementation):
             backward=self.backward,
             fast_math=self.fast_math,
             a_rows=a_rows,
+            save_a_rows=save_a_rows,
             interpret=self.interpret,
         )
 

@@ -407,49 +407,32 @@ def test_kernel_config_backward_splits(dtype, length, state, splits):
         assert [first for first, _ in ranges[:-1]] == ends[1:]
 
 
-@pytest.mark.parametrize("dtype, state, a_rows, save_a_rows, unroll", [
-    ("bfloat16", 16, True, True, 8), ("float16", 16, True, True, 8),
-    ("float32", 16, False, True, 8), ("bfloat16", 64, False, False, 2),
+@pytest.mark.parametrize("dtype, state, a_rows, unroll", [
+    ("bfloat16", 16, True, 8), ("float16", 16, True, 8), ("float32", 16, True, 8),
+    ("bfloat16", 64, False, 2),
 ])
-def test_kernel_config_forward_layouts(dtype, state, a_rows, save_a_rows, unroll):
-    # A row by row up to 16 state entries a thread: in the forward that saves states
-    # for every dtype, in the inference forward only for 2-byte inputs. 8-step
-    # sub-tiles up to 16 state entries a thread, fewer beyond.
+def test_kernel_config_forward_layouts(dtype, state, a_rows, unroll):
+    # A row by row and 8-step sub-tiles up to 16 state entries a thread; beyond that
+    # the 2D layout and fewer steps.
     cfg = PallasTritonScan().kernel_config(
         spec(dim=2048, state=state, length=2048, dtype=dtype), softplus=True, has_D=True,
         has_bias=True, has_h0=False,
     )
-    assert (cfg.a_rows, cfg.save_a_rows, cfg.unroll, cfg.infer_unroll) == (
-        a_rows, save_a_rows, unroll, unroll)
-    assert cfg.tile % cfg.infer_unroll == 0 and cfg.tile % cfg.unroll == 0
+    assert (cfg.a_rows, cfg.unroll) == (a_rows, unroll)
+    assert cfg.tile % cfg.unroll == 0
     assert cfg.fast_math
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_kernel_config_large_grid_takes_short_inference_subtiles(dtype):
-    # Over 8 one-warp programs an SM (132 SMs assumed without a GPU) the inference
-    # forward takes 4-step sub-tiles; the forward that saves states keeps 8.
-    def cfg(dim):
-        return PallasTritonScan().kernel_config(
-            spec(batch=8, dim=dim, state=16, length=2048, dtype=dtype), softplus=True,
-            has_D=True, has_bias=True, has_h0=False,
-        )
-    assert (cfg(4096).infer_unroll, cfg(4096).unroll) == (8, 8)  # 1024 programs
-    assert (cfg(5120).infer_unroll, cfg(5120).unroll) == (4, 8)  # 1280 programs
-    assert PallasTritonScan(unroll=8).kernel_config(
-        spec(batch=8, dim=5120, state=16, length=2048, dtype=dtype), softplus=True,
-        has_D=True, has_bias=True, has_h0=False).infer_unroll == 8
-
-
-def test_interpret_forward_rows_float32():
-    # a_rows forced on for float32 (the default leaves it off there): same function
+def test_interpret_forward_2d_layout():
+    # a_rows forced off (the layout larger states take): same function
     rng = np.random.default_rng(5)
     inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2, dtype="float32")
-    y, h = run(interp(a_rows=True, unroll=8), to_jax(inp, "float32"), seg)
+    y, h = run(interp(a_rows=False, unroll=8), to_jax(inp, "float32"), seg)
     y_ref, h_ref = oracle_of(inp, seg)
     rtol, atol = TOL["float32"]
     assert_close("y", y, y_ref, rtol, atol, REL["float32"])
     assert_close("h", h, h_ref, rtol, atol, 1e-5)
+
 
 
 # ----------------------------------------------------------------------------

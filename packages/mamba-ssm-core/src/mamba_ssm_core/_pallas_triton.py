@@ -27,9 +27,10 @@ last. Triton picks the register layout from the kernel's 2D loads and stores:
 a 2D load of A vectorises along the channels, which gives each thread 4 channels
 by 4 state entries (sums over the state take 2 shuffle rounds, sums over the
 channels 3, and each per-step row of channels goes through shared memory). The
-forward without saved states can assemble A row by row instead (`a_rows`): then
-each thread holds all state entries of one channel and a step needs no shuffle
-and no shared memory (measured on the H100 in benchmarks/RESULTS.md).
+forward assembles A row by row instead (`a_rows`): then each thread holds all
+state entries of one channel and a step needs no shuffle and no shared memory
+(measured on the H100 in benchmarks/RESULTS.md). The backward keeps the 2D
+layout: its sums over the channels (dB, dC) would take 5 shuffle rounds in it.
 
 Transcendentals and fused multiply-adds go through inline PTX on the GPU
 (`fast_math`): jnp's exp2 and division lower to libdevice calls and its a * b + c
@@ -77,15 +78,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _sm_count() -> int:
-    """Streaming multiprocessors of the first GPU; an H100's 132 where none is visible
-    (lowering for an abstract device, the interpreter)."""
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except (RuntimeError, AttributeError, ValueError, IndexError, TypeError):
-        return 132
-
-
 def _cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the first GPU, or None if it is no CUDA device."""
     try:
@@ -104,7 +96,6 @@ class _Kernel:
     tile: int  # steps per saved state (forward tile)
     n_tiles: int
     unroll: int  # forward steps per unrolled sub-tile
-    infer_unroll: int  # the same for the forward that saves no states
     bwd_unroll: int  # backward steps per recomputed sub-tile
     state: int  # padded state size (a power of two)
     block_d: int
@@ -127,8 +118,7 @@ class _Kernel:
     fill_unroll: int  # backward: steps a workspace-filling iteration walks
     backward: str
     fast_math: bool  # MUFU instructions for exp2, exp and reciprocals (see _asm)
-    a_rows: bool  # forward without saved states: A (and h0) row by row (see _load_2d)
-    save_a_rows: bool  # the same for the forward that saves states
+    a_rows: bool  # forwards: A (and h0) row by row (see _load_2d)
     interpret: bool
 
     @property
@@ -294,8 +284,8 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
     ins, rest = _unpack(refs, (*_input_names(cfg), ("h0", cfg.has_h0)))
     y_ref, hlast_ref, *ck = rest
     ck_ref = ck[0] if save else None
-    K = cfg.unroll if save else cfg.infer_unroll
-    a_rows = cfg.save_a_rows if save else cfg.a_rows
+    K = cfg.unroll
+    a_rows = cfg.a_rows
     n_sub = cfg.tile // K
     names = ("u", "dt", "z", "B", "C", "keep")
 
@@ -335,18 +325,17 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
         return (h, nxt) if cfg.prefetch else h
 
     def tile_body(c, carry):
-        # The state is saved between two loops, not under a branch in one: with the
-        # store inside the step loop Triton gave the whole loop the store's layout
-        # (H100: forward+backward 4.8 ms against 2.85 with a_rows; see RESULTS.md).
-        ck_ref[c] = carry[0] if cfg.prefetch else carry
+        if save:
+            ck_ref[c] = carry[0] if cfg.prefetch else carry
         return jax.lax.fori_loop(c * n_sub, (c + 1) * n_sub, body, carry)
 
+    # A loop over tiles around a loop over their sub-tiles, with or without saved
+    # states: one flat loop over the sub-tiles, the state saved under a branch, was
+    # 1.3x slower without saved states and far slower with them (Triton gave the
+    # whole loop the store's layout); H100 figures in benchmarks/RESULTS.md.
     h = _load_2d(ins["h0"], a_rows) if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
     init = (h, load(0)) if cfg.prefetch else h
-    if save:
-        out = jax.lax.fori_loop(0, cfg.n_tiles, tile_body, init)
-    else:
-        out = jax.lax.fori_loop(0, cfg.n_tiles * n_sub, body, init)
+    out = jax.lax.fori_loop(0, cfg.n_tiles, tile_body, init)
     hlast_ref[...] = out[0] if cfg.prefetch else out
 
 
@@ -805,16 +794,15 @@ class PallasTritonScan(ScanImplementation):
     fast_math: exp2, exp and reciprocals as single PTX approximations (ex2.approx,
       rcp.approx; 2 ulp, denormals flushed) instead of libdevice's, and explicit
       fused multiply-adds (GPU only).
-    a_rows: the forwards load A and the initial state one state entry at a time (see
-      `_load_2d`); None: while a thread holds at most 16 state entries, in the forward
-      without saved states (inference; not under a gradient) only for 2-byte inputs.
+    a_rows: the forward loads A and the initial state one state entry at a time (see
+      `_load_2d`); None: while a thread holds at most 16 state entries.
     interpret: run the kernels in Pallas' interpreter (CPU; for tests).
     """
 
     name = "pallas_triton"
     # Defaults from the H100 sweeps (benchmarks/RESULTS.md): 32 channels a one-warp
-    # program, 8-step forward sub-tiles at state 16 (4 or fewer at larger states),
-    # 2-step backward sub-tiles with prefetch.
+    # program, 8-step forward sub-tiles at state 16 (4 or fewer at larger states) with
+    # A row by row, 2-step backward sub-tiles with prefetch.
     block_d: int = 32
     num_warps: int | None = None
     unroll: int | None = None
@@ -900,31 +888,18 @@ class PallasTritonScan(ScanImplementation):
         bwd_warps = self.bwd_num_warps or warps(bwd_bd)
         per_thread = max(1, N * bwd_bd // (32 * bwd_warps))
         fwd_per_thread = max(1, N * bd // (32 * (self.num_warps or warps(bd))))
-        # 8-step forward sub-tiles while a thread holds at most 16 state entries (H100,
-        # forward+backward: 3.06 -> 3.02 ms bf16, 3.17 -> 3.09 fp32 at length 2048;
-        # 12.44 -> 12.14 bf16 at 8192), 4 or fewer beyond that.
+        # 8-step forward sub-tiles while a thread holds at most 16 state entries (H100:
+        # 4-step ones 1.2x slower, 16-step ones 1.4x), 4 or fewer beyond that.
         unroll = self.unroll or (8 if fwd_per_thread <= 16
                                  else max(1, min(4, 64 // fwd_per_thread)))
-        # A row by row while a thread holds at most 16 state entries: in the forward
-        # that saves states for every dtype, in the inference forward for 2-byte
-        # inputs (float32 rows spill registers there).
-        save_a_rows = fwd_per_thread <= 16 if self.a_rows is None else self.a_rows
-        a_rows = self.a_rows
-        if a_rows is None:
-            a_rows = save_a_rows and spec.dtype != "float32"
-        # The inference forward's 8-step sub-tiles: as fast as 4-step ones up to about
-        # 8 one-warp programs an SM, 1.4x slower beyond (H100, batch 8, bf16: dim 4096,
-        # 7.8 programs an SM, 0.75 ms either way; dim 5120, 9.7, 1.38 against 0.98 ms;
-        # float32 likewise). Presumably their registers keep the SM to 8 warps, so a
-        # larger grid takes two waves; 4-step sub-tiles need fewer.
-        warps_total = spec.batch * (spec.groups * dgp // bd) * (self.num_warps or warps(bd))
-        one_wave = warps_total <= 8 * _sm_count()
-        infer_unroll = self.unroll or (unroll if one_wave else min(unroll, 4))
+        # A row by row while a thread holds at most 16 state entries (one channel a
+        # thread; measured at state 16). Larger states keep Triton's 2D layout.
+        a_rows = fwd_per_thread <= 16 if self.a_rows is None else self.a_rows
         bwd_unroll = self.bwd_unroll or max(1, min(unroll, 32 // per_thread))
         bwd_prefetch = (
             per_thread * bwd_unroll <= 32 if self.bwd_prefetch is None else self.bwd_prefetch
         )
-        step = max(unroll, infer_unroll, bwd_unroll)
+        step = max(unroll, bwd_unroll)
         tile = min(self.tile_l, _round_up(spec.length, step))
         n_tiles = -(-spec.length // tile)
         splits = self.bwd_splits
@@ -946,7 +921,6 @@ class PallasTritonScan(ScanImplementation):
             tile=tile,
             n_tiles=n_tiles,
             unroll=unroll,
-            infer_unroll=infer_unroll,
             bwd_unroll=bwd_unroll,
             state=N,
             block_d=bd,
@@ -972,7 +946,6 @@ class PallasTritonScan(ScanImplementation):
             backward=self.backward,
             fast_math=self.fast_math,
             a_rows=a_rows,
-            save_a_rows=save_a_rows,
             interpret=self.interpret,
         )
 

@@ -434,7 +434,6 @@ def test_interpret_forward_2d_layout():
     assert_close("h", h, h_ref, rtol, atol, 1e-5)
 
 
-
 # ----------------------------------------------------------------------------
 # Lowering for an abstract H100 (CPU): the real Triton lowering rules, realistic shapes
 

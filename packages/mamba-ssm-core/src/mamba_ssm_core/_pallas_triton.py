@@ -30,7 +30,8 @@ channels 3, and each per-step row of channels goes through shared memory). The
 forward assembles A row by row instead (`a_rows`): then each thread holds all
 state entries of one channel and a step needs no shuffle and no shared memory
 (measured on the H100 in benchmarks/RESULTS.md). The backward keeps the 2D
-layout: its sums over the channels (dB, dC) would take 5 shuffle rounds in it.
+layout: in the row-by-row one its sums over the channels (dB, dC) take 5 shuffle
+rounds, and a probe of it on the H100 was inconclusive.
 
 Transcendentals and fused multiply-adds go through inline PTX on the GPU
 (`fast_math`): jnp's exp2 and division lower to libdevice calls and its a * b + c
@@ -330,9 +331,10 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
         return jax.lax.fori_loop(c * n_sub, (c + 1) * n_sub, body, carry)
 
     # A loop over tiles around a loop over their sub-tiles, with or without saved
-    # states: one flat loop over the sub-tiles, the state saved under a branch, was
-    # 1.3x slower without saved states and far slower with them (Triton gave the
-    # whole loop the store's layout); H100 figures in benchmarks/RESULTS.md.
+    # states. One flat loop over the sub-tiles (the state saved under a branch in it)
+    # was 1.3x slower without saved states and, with A row by row, 1.7x slower with
+    # them (forward+backward); why, we did not find out. H100 figures in
+    # benchmarks/RESULTS.md.
     h = _load_2d(ins["h0"], a_rows) if cfg.has_h0 else jnp.zeros((cfg.state, cfg.block_d), _F32)
     init = (h, load(0)) if cfg.prefetch else h
     out = jax.lax.fori_loop(0, cfg.n_tiles, tile_body, init)

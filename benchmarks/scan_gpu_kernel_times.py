@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_scan_gpu as bs  # noqa: E402
-
 import mamba_ssm_core as m  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10)
     args = p.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; batch 8, dim 2048, state 16")
-    print("| length | dtype | device ms per call | by kernel (ms per call, launches) | "
+    print("| length | dtype | device ms per call | by kernel (ms per call) | "
           "host-timed ms |")
     print("|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):

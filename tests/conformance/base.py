@@ -36,6 +36,7 @@ from mamba_ssm_core import MambaConfig, init_params, param_shapes
 from mamba_ssm_core.params import flatten, unflatten
 
 from tests.oracle import rel_err
+from tests.random_inputs import normal, token_ids
 
 Level = Literal["mixer", "block", "backbone", "lm"]
 LEVELS: tuple[Level, ...] = ("mixer", "block", "backbone", "lm")
@@ -144,14 +145,12 @@ def params_at(level: Level, params: dict[str, Any]) -> Any:
 def make_inputs(level: Level, config: MambaConfig, seed: int = 0) -> Any:
     """Batched inputs of `level`: float32 activations or int32 token ids, fresh random
     values drawn with NumPy (jax.random would compile a program per shape)."""
-    rng = np.random.default_rng(100 + seed)
     shape = (BATCH, LENGTH, config.hidden_size)
     if level == "mixer":
-        return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        return normal(100 + seed, shape)
     if level == "block":
-        return (jnp.asarray(rng.standard_normal(shape).astype(np.float32)),
-                jnp.asarray(rng.standard_normal(shape).astype(np.float32)))
-    return jnp.asarray(rng.integers(0, config.vocab_size, (BATCH, LENGTH)).astype(np.int32))
+        return normal(100 + seed, shape, shape)
+    return token_ids(100 + seed, (BATCH, LENGTH), config.vocab_size)
 
 
 def core_apply(level: Level, config: MambaConfig, params: Any, inputs: Any,

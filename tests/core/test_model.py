@@ -360,6 +360,7 @@ def test_left_padding_leaves_each_row_as_without_it():
     pad = jnp.full((1, 4), 9, jnp.int32)  # a real token id in the padding
     ids = jnp.concatenate([jnp.concatenate([pad, short], axis=1), long], axis=0)
     mask = jnp.asarray([[0, 0, 0, 0, 1, 1, 1], [1] * 7], bool)
+
     def run(p, i, m):
         return forward(p, config, i, mask=m, cache=init_cache(config, i.shape[0]))
 
@@ -418,7 +419,7 @@ def _warm_tiny_cache():
 def test_masked_rows_keep_their_state_while_decoding(impl):
     params, cache = _warm_tiny_cache()
     _, after = jax.jit(lambda p, c: decode_step(p, TINY, jnp.array([3, 4], jnp.int32), c,
-                                                   mask=jnp.array([True, False]), impl=impl))(
+                                                mask=jnp.array([True, False]), impl=impl))(
         params, cache)
     np.testing.assert_array_equal(after.ssm_state[:, 1], cache.ssm_state[:, 1])
     np.testing.assert_array_equal(after.conv_state[:, 1], cache.conv_state[:, 1])

@@ -11,7 +11,6 @@ and the errors for bad splits and axes.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +34,7 @@ from mamba_ssm_core import (
 
 from tests import oracle
 from tests.core.conftest import init_params_at, unhooked
+from tests.random_inputs import normal
 
 TOL = 1e-5
 BATCH, LENGTH = 4, 32
@@ -135,12 +135,9 @@ def test_logits_loss_and_gradients_match_one_device(single_device, config_name, 
 
 
 def _warm_cache(config, batch, seed):
-    """A cache with random (never zero) conv and SSM states (drawn by NumPy: jax.random
-    would compile a sampler per shape)."""
+    """A cache with random (never zero) conv and SSM states."""
     c = init_cache(config, batch)
-    rng = np.random.default_rng(seed)
-    return MambaCache(*(jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-                        for x in (c.conv_state, c.ssm_state)))
+    return MambaCache(*normal(seed, c.conv_state.shape, c.ssm_state.shape))
 
 
 def test_warm_cache_mask_and_embeds():

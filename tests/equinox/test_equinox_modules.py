@@ -15,6 +15,7 @@ from mamba_ssm_core import forward, generate, layer_params
 
 from tests.conformance.base import CONFIG, core_params, params_at
 from tests.oracle import rel_err
+from tests.random_inputs import normal, token_ids
 
 MODULES = (MambaMixer, ResidualBlock, MambaModel, MambaLM)
 
@@ -22,12 +23,6 @@ MODULES = (MambaMixer, ResidualBlock, MambaModel, MambaLM)
 @pytest.fixture(scope="module")
 def params():
     return core_params(CONFIG, seed=5)
-
-
-def _normal(seed, shape):
-    """Fresh normal float32 values drawn with NumPy (jax.random would compile a program
-    per shape)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
@@ -56,7 +51,7 @@ def test_needs_exactly_one_of_key_and_params(cls):
 
 def test_mixer_state_carries_a_sequence_across_calls(params):
     mixer = MambaMixer(CONFIG, params=params_at("mixer", params))
-    x = _normal(1, (7, CONFIG.hidden_size))
+    x = normal(1, (7, CONFIG.hidden_size))
     full = mixer(x)
 
     @eqx.filter_jit
@@ -78,7 +73,7 @@ def test_mixer_state_carries_a_sequence_across_calls(params):
 
 def test_block_state_carries_a_sequence_across_calls(params):
     block = ResidualBlock(CONFIG, params=params_at("block", params))
-    hidden, residual = _normal(2, (6, CONFIG.hidden_size)), _normal(3, (6, CONFIG.hidden_size))
+    hidden, residual = normal(2, (6, CONFIG.hidden_size)), normal(3, (6, CONFIG.hidden_size))
     out, res = block(hidden, residual)
     # two halves of one length: each eager op compiles once per shape
     out_a, res_a, state = block(hidden[:3], residual[:3], state=block.init_state())
@@ -105,7 +100,7 @@ def test_left_padding_mask_leaves_the_sequence_unchanged(params):
 
 def test_vmapped_lm_is_the_batched_core_forward(params):
     lm = MambaLM(CONFIG, params=params)
-    ids = jnp.asarray(np.random.default_rng(3).integers(0, CONFIG.vocab_size, (3, 6)), jnp.int32)
+    ids = token_ids(3, (3, 6), CONFIG.vocab_size)
     np.testing.assert_array_equal(jax.vmap(lm)(ids), forward(params, CONFIG, ids))
 
 

@@ -25,6 +25,7 @@ from mamba_ssm_core.params import flatten
 
 from tests.conformance.base import BATCH, CONFIG, LENGTH, core_params, params_at
 from tests.oracle import rel_err
+from tests.random_inputs import normal, token_ids
 
 MODULES = (MambaMixer, ResidualBlock, MambaModel, MambaLM)
 
@@ -39,14 +40,8 @@ def lm(params):
     return MambaLM.from_params(CONFIG, params)
 
 
-# Fresh random inputs drawn with NumPy (jax.random would compile a program per shape).
-def _normal(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
-
-
 def _ids(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, shape),
-                       jnp.int32)
+    return token_ids(seed, shape, CONFIG.vocab_size)
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
@@ -82,7 +77,7 @@ def test_param_dtype_is_storage_and_dtype_is_compute():
 def test_any_leading_axes_equal_the_core_on_the_flattened_batch(params):
     p = params_at("mixer", params)
     m = MambaMixer.from_params(CONFIG, p)
-    x = _normal(0, (1, BATCH, LENGTH, CONFIG.hidden_size))
+    x = normal(0, (1, BATCH, LENGTH, CONFIG.hidden_size))
     want = mixer(p, CONFIG, x[0])[0]
     np.testing.assert_array_equal(m(x)[0], want)
     assert rel_err(m(x[0, 1]), want[1]) < 1e-6  # no batch axis at all
@@ -175,7 +170,7 @@ def test_save_pretrained_then_from_pretrained_is_exact(tmp_path, tie):
 
 def test_mixer_cache_carries_a_batch_with_leading_axes(params):
     m = MambaMixer.from_params(CONFIG, params_at("mixer", params))
-    x = _normal(3, (2, 3, 7, CONFIG.hidden_size))
+    x = normal(3, (2, 3, 7, CONFIG.hidden_size))
     with pytest.raises(ValueError, match="call init_cache"):
         m(x, decode=True)
     m.init_cache((2, 3))

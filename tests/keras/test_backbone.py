@@ -11,14 +11,14 @@ from mamba_keras import MambaBackbone, MambaResidualBlock
 from mamba_ssm_core import ParamsError
 
 from tests.keras.layer_test import run_layer_test
+from tests.random_inputs import normal, token_ids
 
 KWARGS = {"vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 2, "state_size": 4,
           "time_step_rank": 2, "seed": 0}
 
 
 def _ids(length=6):
-    # fresh random ids drawn with NumPy (jax.random would compile a program per shape)
-    return jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, length)).astype(np.int32))
+    return token_ids(0, (2, length), 11)
 
 
 def test_layer_contract(tmp_path):
@@ -100,7 +100,7 @@ def test_numpy_bool_padding_masks_are_accepted_like_jax_masks():
     out, _ = bb.call_with_cache(ids, bb.init_cache(2), padding_mask=mask)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
     block = bb.residual_blocks[0]
-    hidden = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 8)).astype(np.float32))
+    hidden = normal(1, (2, 6, 8))
     got = block.call_with_state(hidden, None, block.init_state(2), mask=mask)
     want = core.residual_block(block.to_params(), block.mamba_config, hidden, None,
                                state=block.init_state(2), mask=jnp.asarray(mask))

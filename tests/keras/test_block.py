@@ -10,16 +10,14 @@ from mamba_keras import MambaResidualBlock
 
 from tests.keras.layer_test import run_layer_test
 from tests.oracle import rel_err
+from tests.random_inputs import normal
 
 KWARGS = {"hidden_size": 8, "state_size": 4, "time_step_rank": 2, "num_hidden_layers": 2,
           "seed": 0}
 
 
 def _inputs(length=6):
-    # fresh random values drawn with NumPy (jax.random would compile a program per shape)
-    rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.standard_normal((2, length, 8)).astype(np.float32)),
-            jnp.asarray(rng.standard_normal((2, length, 8)).astype(np.float32)))
+    return normal(0, (2, length, 8), (2, length, 8))
 
 
 def test_layer_contract(tmp_path):

@@ -14,6 +14,7 @@ from mamba_keras import MambaBackbone, MambaCausalLM
 
 from tests.keras.layer_test import keras_numpy_semantics, run_layer_test
 from tests.oracle import rel_err
+from tests.random_inputs import token_ids
 
 # Building a model compiles the core's init_params for its exact MambaConfig (seconds
 # each), so the tests share few configs: BACKBONE is test_backbone.py's KWARGS, CONFIG
@@ -27,9 +28,7 @@ CONFIG = core.MambaConfig(
 
 
 def _ids(length=6, batch=2):
-    # fresh random ids drawn with NumPy (jax.random would compile a program per shape)
-    ids = np.random.default_rng(0).integers(1, 11, (batch, length)).astype(np.int32)
-    return jnp.asarray(ids)
+    return token_ids(0, (batch, length), 11, low=1)
 
 
 def test_layer_contract(tmp_path):

@@ -12,14 +12,13 @@ from mamba_keras import MambaMixer
 
 from tests.keras.layer_test import run_layer_test
 from tests.oracle import rel_err
+from tests.random_inputs import normal
 
 KWARGS = {"hidden_size": 8, "state_size": 4, "time_step_rank": 2, "use_bias": True, "seed": 0}
 
 
 def _x(batch=2, length=6, hidden=8, seed=0):
-    # fresh random values drawn with NumPy (jax.random would compile a program per shape)
-    x = np.random.default_rng(seed).standard_normal((batch, length, hidden))
-    return jnp.asarray(x.astype(np.float32))
+    return normal(seed, (batch, length, hidden))
 
 
 def test_layer_contract(tmp_path):

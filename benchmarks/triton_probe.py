@@ -1,13 +1,15 @@
 """Quick pallas_triton configuration probe for iterating on the H100 (issue 7).
 
     python benchmarks/triton_probe.py configs.json      # time each config, check it
-    python benchmarks/triton_probe.py --ncu ['{kw}']     # one fwd+bwd call per dtype, for ncu
+    python benchmarks/triton_probe.py --ncu ['{kw}' [dim]]  # one fwd+bwd call per dtype, for ncu
 
 configs.json: a list of {"fwd": bool, "bwd": bool, "dtypes": [...], "kw": {...}}
-(PallasTritonScan keyword arguments). Batch 8, length 2048 (or "length"), dim 2048
-(or "dim"), state 16, softplus + delta bias + D + z, the inputs of bench_scan_gpu.py. Each
-config's y and gradients are compared with the default configuration's (relative
-error), so a fast but wrong variant shows. bench_scan_gpu.py makes the reported table.
+(PallasTritonScan keyword arguments). Batch 8 (or "batch"), length 2048 (or "length"),
+dim 2048 (or "dim"), state 16 (or "state"), softplus + delta bias + D + z, the inputs of
+bench_scan_gpu.py. Each config's y and gradients are compared with the default
+configuration's (relative error), so a fast but wrong variant shows. bench_scan_gpu.py
+makes the reported table.
+triton_registers.py reports the kernels' registers and waves (on the CPU).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import mamba_ssm_core as m  # noqa: E402
 def main(argv):
     if argv and argv[0] == "--ncu":
         kw = json.loads(argv[1]) if len(argv) > 1 else {}
+        dim = int(argv[2]) if len(argv) > 2 else 2048
         for dtype in ("bfloat16", "float32"):
-            args, dy = bs.make_inputs(jax.random.key(1), 8, 2048, 2048, 16, jnp.dtype(dtype))
+            args, dy = bs.make_inputs(jax.random.key(1), 8, 2048, dim, 16, jnp.dtype(dtype))
             fb = bs.fwd_bwd_fn(m.PallasTritonScan(**kw))
             for _ in range(1):
                 jax.block_until_ready(fb(args, dy))
@@ -39,16 +42,17 @@ def main(argv):
     cache = {}
     base = {}
     for c in configs:
-        length, dim = c.get("length", 2048), c.get("dim", 2048)
+        length, dim, batch = c.get("length", 2048), c.get("dim", 2048), c.get("batch", 8)
+        state = c.get("state", 16)
         for dtype in c.get("dtypes", ["bfloat16"]):
-            key = (dtype, length, dim)
+            key = (dtype, length, dim, batch, state)
             if key not in cache:
-                cache[key] = bs.make_inputs(jax.random.key(3), 8, length, dim, 16,
+                cache[key] = bs.make_inputs(jax.random.key(3), batch, length, dim, state,
                                             jnp.dtype(dtype))
                 ref = bs.fwd_bwd_fn(m.PallasTritonScan())(*cache[key])
                 base[key] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ref)
             args, dy = cache[key]
-            row = dict(kw=c["kw"], dtype=dtype, length=length, dim=dim)
+            row = dict(kw=c["kw"], dtype=dtype, length=length, dim=dim, batch=batch, state=state)
             try:
                 impl = m.PallasTritonScan(**c["kw"])
                 if c.get("fwd", True):

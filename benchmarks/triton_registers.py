@@ -41,6 +41,7 @@ from mamba_ssm_core import _pallas_triton as pt
 H100_SMS = 132
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
+MAX_PROGRAMS_PER_SM = 32
 
 
 def ptxas_path(triton) -> str:
@@ -93,6 +94,7 @@ def lowered_kernels(impl, batch, length, dim, state, dtype):
 
 
 def usage(triton, ptxas, ttir: str, num_warps: int) -> dict:
+    """Compile one kernel's Triton IR for sm_90a: its name, registers and spilled bytes."""
     from triton.backends.compiler import GPUTarget
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +146,8 @@ def main(argv=None):
             warps = cfg.num_warps if fwd else cfg.bwd_num_warps
             u = usage(triton, ptxas, ttir, warps)
             warp_regs = -(-u["regs"] * 32 // 256) * 256
-            per_sm = min(REGS_PER_SM // (warp_regs * warps), MAX_WARPS_PER_SM // warps)
+            per_sm = min(REGS_PER_SM // (warp_regs * warps), MAX_WARPS_PER_SM // warps,
+                         MAX_PROGRAMS_PER_SM)
             programs = math.prod(grid)
             # the backward's later launches are a second kernel: they take the sums so far
             label = u["kernel"] + (" (later launches)" if u["kernel"] in seen else "")

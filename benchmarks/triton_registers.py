@@ -9,10 +9,11 @@ lowering, compiles each kernel's Triton IR with the `triton` package for sm_90a,
 runs `ptxas -v` on the PTX. For each kernel it prints the registers a thread uses, the
 bytes spilled, how many of its programs the registers let an SM hold (65536 registers
 an SM, given out per warp in units of 256), and how many waves its grid takes on the
-H100's 132 SMs. A grid of 1.2 waves runs about as long as one of 2.
+H100's 132 SMs: past one wave the last programs wait for a free slot (measured at dim
+5120: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves 7.1).
 
 On the H100 (jax 0.11.2, ncu, 2026-11-23) the forward used 166 registers and this script
-says 165; the backward 255 on both. One backward variant (`bwd_prefetch=False`) used 255
+(jax 0.10.2, triton 3.9.0) says 165; the backward 255 on both. One backward variant (`bwd_prefetch=False`) used 255
 there and 244 here: XLA compiles the same IR with its own build of Triton, so the counts
 are close, not equal. Uses jax internals (the Triton lowering), as a benchmark tool may.
 """

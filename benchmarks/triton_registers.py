@@ -13,14 +13,16 @@ H100's 132 SMs: past one wave the last programs wait for a free slot (measured a
 5120: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves 7.1).
 
 On the H100 (jax 0.11.2, ncu, 2026-11-23) the forward used 166 registers and this script
-(jax 0.10.2, triton 3.9.0) says 165; the backward 255 on both. One backward variant (`bwd_prefetch=False`) used 255
-there and 244 here: XLA compiles the same IR with its own build of Triton, so the counts
-are close, not equal. Uses jax internals (the Triton lowering), as a benchmark tool may.
+(jax 0.10.2, triton 3.9.0) says 165; the backward 255 on both. One backward variant
+(`bwd_prefetch=False`) used 255 there and 244 here: XLA compiles the same IR with its
+own build of Triton, so the counts are close, not equal. Uses jax internals (the Triton
+lowering), as a benchmark tool may.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,11 +35,15 @@ import unittest.mock
 
 import jax
 import jax.numpy as jnp
-import mamba_ssm_core as m
 from jax._src.mesh import AbstractDevice
 from jax._src.pallas.triton import lowering
 from jax.sharding import AbstractMesh
-from mamba_ssm_core import _pallas_triton as pt
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_scan_gpu as bs  # noqa: E402
+
+import mamba_ssm_core as m  # noqa: E402
+from mamba_ssm_core import _pallas_triton as pt  # noqa: E402
 
 H100_SMS = 132
 REGS_PER_SM = 65536
@@ -58,21 +64,10 @@ def ptxas_path(triton) -> str:
 
 
 def lowered_kernels(impl, batch, length, dim, state, dtype):
-    """[(Triton IR text, grid)] of each distinct kernel in the forward+backward."""
-    S = jax.ShapeDtypeStruct
-    shapes = (S((batch, length, dim), dtype), S((batch, length, dim), dtype),
-              S((dim, state), jnp.float32), S((batch, length, state), dtype),
-              S((batch, length, state), dtype), S((dim,), jnp.float32),
-              S((batch, length, dim), dtype), S((dim,), jnp.float32))
-
-    def f(u, delta, A, B, C, D, z, bias):
-        return m.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias,
-                                delta_softplus=True, impl=impl)
-
-    def fb(*args):
-        out, vjp = jax.vjp(f, *args)
-        return vjp(out)
-
+    """[(Triton IR text, grid)] of each distinct kernel in the forward+backward that
+    bench_scan_gpu.py and triton_probe.py time (the same call, on abstract inputs)."""
+    args, dy = jax.eval_shape(functools.partial(
+        bs.make_inputs, b=batch, l=length, d=dim, n=state, dtype=dtype), jax.random.key(0))
     found = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -84,10 +79,10 @@ def lowered_kernels(impl, batch, length, dim, state, dtype):
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100", num_cores=H100_SMS, platform="cuda"))
     # `unsupported` refuses the CPU platform; lift it to reach the lowering.
-    with jax.sharding.use_abstract_mesh(mesh), \
-            unittest.mock.patch.object(pt.PallasTritonScan, "unsupported", lambda *a: None), \
+    lift = unittest.mock.patch.object(pt.PallasTritonScan, "unsupported", lambda *a: None)
+    with jax.sharding.use_abstract_mesh(mesh), lift, \
             unittest.mock.patch.object(lowering, "lower_jaxpr_to_triton_module", capture):
-        jax.jit(fb).trace(*shapes).lower(lowering_platforms=("cuda",))
+        bs.fwd_bwd_fn(impl).trace(args, dy).lower(lowering_platforms=("cuda",))
     unique = {}
     for text, grid in found:
         unique.setdefault(text, grid)

@@ -7,8 +7,10 @@
 Lowers `pallas_triton`'s forward+backward for an abstract H100 with jax's own Pallas
 lowering, compiles each kernel's Triton IR with the `triton` package for sm_90a, and
 runs `ptxas -v` on the PTX. For each kernel it prints the registers a thread uses, the
-bytes spilled, how many of its programs the registers let an SM hold (65536 registers
-an SM, given out per warp in units of 256), and how many waves its grid takes on the
+bytes spilled, how many of its programs the registers let an SM hold (each warp takes
+its registers in units of 256 from one of the SM's four 16384-register quarters, one a
+warp scheduler: 1-warp programs of 169 to 200 registers fit 2 a quarter, 8 an SM, as
+ncu showed for 195), and how many waves its grid takes on the
 H100's 132 SMs: past one wave the last programs wait for a free slot (measured at dim
 5120: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves 7.1).
 
@@ -46,7 +48,8 @@ import mamba_ssm_core as m  # noqa: E402
 from mamba_ssm_core import _pallas_triton as pt  # noqa: E402
 
 H100_SMS = 132
-REGS_PER_SM = 65536
+SUBPARTITIONS = 4  # warp schedulers an SM, each with its own quarter of the registers
+REGS_PER_SUBPARTITION = 16384
 MAX_WARPS_PER_SM = 64
 MAX_PROGRAMS_PER_SM = 32
 
@@ -142,8 +145,8 @@ def main(argv=None):
             warps = cfg.num_warps if fwd else cfg.bwd_num_warps
             u = usage(triton, ptxas, ttir, warps)
             warp_regs = -(-u["regs"] * 32 // 256) * 256
-            per_sm = min(REGS_PER_SM // (warp_regs * warps), MAX_WARPS_PER_SM // warps,
-                         MAX_PROGRAMS_PER_SM)
+            warps_per_sm = SUBPARTITIONS * (REGS_PER_SUBPARTITION // warp_regs)
+            per_sm = min(warps_per_sm // warps, MAX_WARPS_PER_SM // warps, MAX_PROGRAMS_PER_SM)
             programs = math.prod(grid)
             # the backward's later launches are a second kernel: they take the sums so far
             label = u["kernel"] + (" (later launches)" if u["kernel"] in seen else "")

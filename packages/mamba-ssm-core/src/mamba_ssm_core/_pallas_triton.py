@@ -806,8 +806,9 @@ class PallasTritonScan(ScanImplementation):
     # program, 8-step forward sub-tiles at state 16 (4 or fewer at larger states) with
     # A row by row, 2-step backward sub-tiles with prefetch; a state saved every 32
     # steps, and the backward's walk that refills each tile's sub-tile states 8 steps
-    # an iteration (at dim 5120 its workspace then stays in cache: 10% faster than 64
-    # and 16; smaller tiles are faster still, but their saved states cost memory).
+    # an iteration (forward+backward at dim 5120 10% faster than 64 and 16, we think
+    # because the smaller workspace stays in cache; 8-step tiles are faster still, but
+    # their saved states take 2-4x u's bytes).
     block_d: int = 32
     num_warps: int | None = None
     unroll: int | None = None

@@ -9,7 +9,7 @@ lowering, compiles each kernel's Triton IR with the `triton` package for sm_90a,
 runs `ptxas -v` on the PTX. For each kernel it prints the registers a thread uses, the
 bytes spilled, how many of its programs the registers let an SM hold (each warp takes
 its registers in units of 256 from one of the SM's four 16384-register quarters, one a
-warp scheduler: 1-warp programs of 169 to 200 registers fit 2 a quarter, 8 an SM, as
+warp scheduler: 1-warp programs of 169 to 255 registers fit 2 a quarter, 8 an SM, as
 ncu showed for 195), and how many waves its grid takes on the
 H100's 132 SMs: past one wave the last programs wait for a free slot (measured at dim
 5120: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves 7.1).

@@ -145,8 +145,9 @@ def main(argv=None):
             warps = cfg.num_warps if fwd else cfg.bwd_num_warps
             u = usage(triton, ptxas, ttir, warps)
             warp_regs = -(-u["regs"] * 32 // 256) * 256
-            warps_per_sm = SUBPARTITIONS * (REGS_PER_SUBPARTITION // warp_regs)
-            per_sm = min(warps_per_sm // warps, MAX_WARPS_PER_SM // warps, MAX_PROGRAMS_PER_SM)
+            warps_per_sm = min(SUBPARTITIONS * (REGS_PER_SUBPARTITION // warp_regs),
+                               MAX_WARPS_PER_SM)
+            per_sm = min(warps_per_sm // warps, MAX_PROGRAMS_PER_SM)
             programs = math.prod(grid)
             # the backward's later launches are a second kernel: they take the sums so far
             label = u["kernel"] + (" (later launches)" if u["kernel"] in seen else "")

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mamba_ssm_core as m
+from mamba_ssm_core import _pallas_triton as pt
 
 # Official selective_scan_fn (mamba-ssm 2.3.2, sm_90) on the H100, batch 8, dim 2048,
 # state 16, softplus, D and z: (length, dtype) -> (fwd ms, fwd+bwd ms). KERNELS.md.
@@ -178,13 +179,15 @@ def measure(impl, args, dy, *, do_fwd=True, do_bwd=True, budget_s=1.0):
 
 
 def bwd_launches(impl, b, length, d, n, dtype) -> int | None:
-    """How many sequential launches pallas_triton's backward makes for this shape."""
+    """How many sequential launches pallas_triton's backward makes for this shape (on
+    this machine: the launches hold at most what its GPU runs at once)."""
     impl = m.PallasTritonScan() if isinstance(impl, str) else impl
     s = m.ScanSpec(batch=b, length=length, dim=d, state=n, groups=1, dtype=dtype, has_z=True,
                    has_segments=False)
     try:
-        return impl.kernel_config(s, softplus=True, has_D=True, has_bias=True,
-                                  has_h0=False).bwd_splits
+        cfg = impl.kernel_config(s, softplus=True, has_D=True, has_bias=True, has_h0=False)
+        # groups=1: the channel blocks of the one group
+        return len(pt._bwd_launch_items(cfg, b * cfg.bwd_blocks_per_group))
     except (AttributeError, TypeError, ValueError):  # an older kernel without the option
         return None
 

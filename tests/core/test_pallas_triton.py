@@ -279,6 +279,25 @@ def test_interpret_split_backward():
     check_grads(got, gr, "float32", 1e-5)
 
 
+@pytest.mark.parametrize("wave, splits", [(3, 3), (5, 2), (7, 2)])
+def test_interpret_backward_in_waves(wave, splits):
+    """Launches of fewer programs than the grid (batch x channel blocks, here 2 x 4):
+    the (program, range) items in launches of `wave`, each launch mixing the end of one
+    range with the start of the next. The same bits as one launch."""
+    rng = np.random.default_rng(30)
+    inp, seg = make_inputs(rng, 2, 37, 12, 5, groups=2)
+    x = to_jax(inp, "float32")
+    impl = interp(tile_l=8, bwd_splits=splits, bwd_wave=wave)
+    cfg = impl.kernel_config(spec(batch=2, length=37, dim=12, state=5, groups=2),
+                             softplus=True, has_D=True, has_bias=True, has_h0=True)
+    items = pt._bwd_launch_items(cfg, 8)
+    assert cfg.bwd_wave == wave and items[0] == (0, wave)
+    assert sum(n for _, n in items) == 8 * splits and len(items) == -(-8 * splits // wave)
+    one = grads(interp(tile_l=8, bwd_splits=1), x, seg, np.random.default_rng(31))
+    got = grads(impl, x, seg, np.random.default_rng(31))
+    assert_same_grads(got, one, f"bwd_wave={wave}, bwd_splits={splits}", dA_ulps=4)
+
+
 def test_interpret_split_backward_no_options():
     """The split backward without z, D, delta bias, softplus, initial state or segments
     (the carried sums and aliased gradients that do not exist), bfloat16, 2 groups."""
@@ -361,6 +380,7 @@ def test_unsupported_shapes_have_reasons():
         ({"backward": "autodiff"}, "backward must be one of"),
         ({"num_stages": 0}, "num_stages"),
         ({"bwd_splits": 0}, "bwd_splits must be None or an int >= 1"),
+        ({"bwd_wave": 0}, "bwd_wave must be None or an int >= 1"),
     ],
 )
 def test_config_validation(kw, msg):
@@ -407,6 +427,36 @@ def test_kernel_config_backward_splits(dtype, length, state, splits):
         assert [first for first, _ in ranges[:-1]] == ends[1:]
 
 
+def test_kernel_config_backward_wave():
+    """On a GPU, backward launches of at most what its SMs hold at once (8 one-warp
+    programs an SM at state 16: 255 registers a thread); elsewhere one launch a range."""
+    s = spec(batch=8, dim=5120, length=2048, dtype="bfloat16")
+    kw = dict(softplus=True, has_D=True, has_bias=True, has_h0=False)
+    assert PallasTritonScan().kernel_config(s, **kw).bwd_wave == 8 * 160  # no GPU here
+    assert PallasTritonScan().kernel_config(s, **kw).tile == 32
+    with unittest.mock.patch.object(pt, "_gpu_sm_count", lambda: 132):
+        cfg = PallasTritonScan().kernel_config(s, **kw)
+        # a grid of more than one wave: launches of one wave, and 16-step tiles
+        assert (cfg.bwd_wave, cfg.tile) == (132 * 8, 16)
+        assert PallasTritonScan(tile_l=32).kernel_config(s, **kw).tile == 32
+        # a grid within one wave keeps one launch a range, and 32-step tiles
+        small = PallasTritonScan().kernel_config(spec(batch=8, dim=2048, length=2048), **kw)
+        assert (small.bwd_wave, small.tile) == (8 * 64, 32)
+        assert PallasTritonScan(interpret=True).kernel_config(s, **kw).bwd_wave == 8 * 160
+        # state 1: 8 entries a thread in 8-step sub-tiles, 168 registers, 12 an SM
+        for state, per_sm in ((1, 12), (4, 8)):
+            assert PallasTritonScan().kernel_config(
+                spec(batch=16, dim=5120, length=2048, state=state), **kw
+            ).bwd_wave == 132 * per_sm
+    assert PallasTritonScan(bwd_wave=100).kernel_config(s, **kw).bwd_wave == 100
+    # 8 ranges of 1280 items in launches of 1056: consecutive, every item once
+    items = pt._bwd_launch_items(cfg, 1280)
+    assert -(-2048 // cfg.tile) == cfg.n_tiles
+    assert cfg.bwd_splits == 8 and len(items) == 10
+    assert [q for q, _ in items] == list(range(0, 8 * 1280, 1056))
+    assert sum(n for _, n in items) == 8 * 1280
+
+
 @pytest.mark.parametrize("dtype, state, a_rows, unroll", [
     ("bfloat16", 16, True, 8), ("float16", 16, True, 8), ("float32", 16, True, 8),
     ("bfloat16", 64, False, 2),
@@ -438,21 +488,23 @@ def test_interpret_forward_2d_layout():
 # Lowering for an abstract H100 (CPU): the real Triton lowering rules, realistic shapes
 
 
-@pytest.mark.parametrize("dtype, length, state, groups", [
-    ("bfloat16", 2048, 16, None), ("float32", 1000, 64, 4), ("float16", 4096, 256, None),
+@pytest.mark.parametrize("dtype, length, state, groups, wave", [
+    ("bfloat16", 2048, 16, None, None), ("float32", 1000, 64, 4, 80),
+    ("float16", 4096, 256, None, None),
 ])
-def test_lowers_for_h100(dtype, length, state, groups):
+def test_lowers_for_h100(dtype, length, state, groups, wave):
     b, d = 2, 1536
     S = jax.ShapeDtypeStruct
     gshape = (b, length, state) if groups is None else (b, length, groups, state)
     shapes = (S((b, length, d), dtype), S((b, length, d), dtype), S((d, state), jnp.float32),
               S(gshape, dtype), S(gshape, dtype), S((d,), jnp.float32), S((b, length, d), dtype),
               S((d,), jnp.float32), S((b, d, state), jnp.float32), S((b, length), jnp.int32))
+    impl = PallasTritonScan(bwd_wave=wave)
 
     def f(u, delta, A, B, C, D, z, bias, h0, seg):
         return selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True,
                               initial_state=h0, segment_ids=seg, return_final_state=True,
-                              impl="pallas_triton")
+                              impl=impl)
 
     def fb(*a):
         out, vjp = jax.vjp(lambda *x: f(*x, a[-1]), *a[:-1])
@@ -462,20 +514,28 @@ def test_lowers_for_h100(dtype, length, state, groups):
         device_kind="NVIDIA H100", num_cores=132, platform="cuda"))
     s = ScanSpec(batch=b, length=length, dim=d, state=state, groups=groups or 1, dtype=dtype,
                  has_z=True, has_segments=True)
-    splits = PallasTritonScan().kernel_config(s, softplus=True, has_D=True, has_bias=True,
-                                              has_h0=True).bwd_splits
+    cfg = impl.kernel_config(s, softplus=True, has_D=True, has_bias=True, has_h0=True)
+    splits = cfg.bwd_splits
     assert splits > 1  # these shapes exercise the split backward
+    programs = b * d // cfg.bwd_block_d
+    n_launch = len(pt._bwd_launch_items(cfg, programs))
+    # launches of `wave` items mix two ranges (96 programs a range, launches of 80)
+    assert n_launch == (splits if wave is None else -(-splits * programs // wave))
     # The CPU platform would be refused: lift `unsupported` to reach the lowering.
     with jax.sharding.use_abstract_mesh(mesh), unittest.mock.patch.object(
         pt.PallasTritonScan, "unsupported", lambda *a: None
     ):
-        for fn, kernels in ((f, 1), (fb, 1 + splits)):
+        for fn, kernels in ((f, 1), (fb, 1 + n_launch)):
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
-    # each launch but the last waits for the previous range's reduced partial sums,
-    # and the launches after the first update du, d_delta and dz in place
-    assert text.count("stablehlo.optimization_barrier") == splits - 1
-    assert text.count("#stablehlo.output_operand_alias<") == 3 * (splits - 1)
+    # A launch that completes a range, but the last, waits for that range's partial
+    # sums to be reduced (with waves of 80 and ranges of 96 items, launch 1 completes
+    # none); every launch updates the 4 carried sums in place, and those after the
+    # first du, d_delta and dz.
+    completing = len({(k + 1) * programs // cfg.bwd_wave - ((k + 1) * programs % cfg.bwd_wave == 0)
+                      for k in range(splits)})
+    assert text.count("stablehlo.optimization_barrier") == completing - 1
+    assert text.count("#stablehlo.output_operand_alias<") == 4 * n_launch + 3 * (n_launch - 1)
 
 
 # ----------------------------------------------------------------------------
@@ -543,6 +603,9 @@ def test_gpu_backward_is_deterministic_and_auto_picks_a_kernel():
         has_bias=True, has_h0=True)) == [(22, 10), (11, 11), (0, 11)]
     assert_same_grads(grads(PallasTritonScan(bwd_splits=3), x, seg, np.random.default_rng(1)),
                       g1, "bwd_splits=3")
+    # 16 programs (2 x 8 channel blocks) in launches of 5: each launch mixes two ranges
+    assert_same_grads(grads(PallasTritonScan(bwd_splits=3, bwd_wave=5), x, seg,
+                            np.random.default_rng(1)), g1, "bwd_splits=3, bwd_wave=5")
     s = spec(batch=8, length=2048, dim=2048, dtype="bfloat16")
     assert PallasTritonScan().unsupported(s, "gpu") is None
     assert auto_implementation(s)[0] != "chunked"

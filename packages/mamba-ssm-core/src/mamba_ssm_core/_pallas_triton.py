@@ -15,11 +15,15 @@ in reverse, recomputing that sub-tile's states in registers and running the
 adjoint recurrence. Parameter gradients leave each program as partial sums
 (per batch row, per channel block) that XLA sums afterwards: no atomics, so the
 result is deterministic. The dB and dC partial sums, (batch, channel blocks,
-length, state) float32, are the backward's largest buffer; so the backward runs
-as `bwd_splits` sequential launches over ranges of tiles, the last range first,
-carrying the state's cotangent and the dA, dD and delta-bias sums between them,
-and each range's partial sums are reduced before the next launch allocates its
-own (the arithmetic is the same as in one launch, bit for bit).
+length, state) float32, are the backward's largest buffer; so the backward walks
+`bwd_splits` ranges of tiles in turn, the last range first, carrying the state's
+cotangent and the dA, dD and delta-bias sums between them, and each range's partial
+sums are reduced before later launches allocate theirs (the arithmetic is the same
+as in one launch, bit for bit). The work items (program slot, range) run in
+launches of `bwd_wave` programs, what the GPU holds at once: where batch x channel
+blocks is more than that (dim 5120, batch 8 on an H100: 1280 programs, 1056 at once),
+one launch a range would end each range on a part-filled second wave; packed, each
+launch takes the end of one range and the start of the next.
 `backward="reference"` swaps in the VJP of the sequential `lax.scan` for checking.
 
 Layouts inside the kernels: the state is (state, channels) with the channels
@@ -79,6 +83,27 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _gpu_sm_count() -> int | None:
+    """Streaming multiprocessors of the first GPU, or None if there is no GPU."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except (RuntimeError, AttributeError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _backward_programs_per_sm(sub_tile_entries: int, warps: int) -> int:
+    """Backward programs of `warps` warps an SM holds at once, by the state entries a
+    thread holds for a sub-tile (its state entries x bwd_unroll).
+
+    ptxas gives the default backward 255 registers a thread at every state size but 1
+    (168 there; `benchmarks/triton_registers.py`, 2026-11-23; 255 agrees with ncu on
+    the H100). A warp takes its registers, in units of 256, from one of the SM's four
+    16384-register quarters (H100 and A100 alike): 2 warps a quarter at 255, 3 at 168."""
+    regs = 168 if sub_tile_entries <= 8 else 255
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, 4 * (16384 // per_warp) // warps)
+
+
 def _cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the first GPU, or None if it is no CUDA device."""
     try:
@@ -115,7 +140,8 @@ class _Kernel:
     prefetch: bool  # forward: load the next sub-tile's rows before computing this one
     bwd_prefetch: bool
     keep_decay: bool  # backward: keep a sub-tile's decays in registers (else recompute)
-    bwd_splits: int  # backward launches, each over a range of whole tiles (see _backward_impl)
+    bwd_splits: int  # ranges of whole tiles the backward walks in turn (see _backward_impl)
+    bwd_wave: int  # backward work items (program slot, range) a launch runs
     fill_unroll: int  # backward: steps a workspace-filling iteration walks
     backward: str
     fast_math: bool  # MUFU instructions for exp2, exp and reciprocals (see _asm)
@@ -342,7 +368,7 @@ def _fwd_kernel(cfg: _Kernel, save: bool, *refs):
 
 
 def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
-    """BlockSpecs over the grid (batch, channel block j) for the named inputs."""
+    """The forward's BlockSpecs over the grid (batch, channel block j) for the named inputs."""
     L, N = cfg.length, cfg.state
     seq = pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j))
     chan = pl.BlockSpec((bd,), lambda b, j: (j,))
@@ -350,7 +376,6 @@ def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
         "u": seq,
         "dt": seq,
         "z": seq,
-        "dy": seq,
         "A": pl.BlockSpec((N, bd), lambda b, j: (0, j)),
         "B": pl.BlockSpec((None, L, None, N), lambda b, j: (b, 0, j // bpg, 0)),
         "C": pl.BlockSpec((None, L, None, N), lambda b, j: (b, 0, j // bpg, 0)),
@@ -358,17 +383,6 @@ def _in_specs(cfg: _Kernel, bd: int, bpg: int, names):
         "bias": chan,
         "keep": pl.BlockSpec((None, L), lambda b, j: (b, 0)),
         "h0": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
-        "dhlast": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
-        "ck": pl.BlockSpec((None, cfg.n_tiles, N, bd), lambda b, j: (b, 0, 0, j)),
-        # backward launches: where each starts, the sums carried in, and (after the
-        # first launch) the gradients so far, aliased to the outputs, which gain rows
-        "first": pl.BlockSpec((1,), lambda b, j: (0,)),
-        "accA": pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j)),
-        "accD": pl.BlockSpec((None, bd), lambda b, j: (b, j)),
-        "accbias": pl.BlockSpec((None, bd), lambda b, j: (b, j)),
-        "du_in": seq,
-        "ddt_in": seq,
-        "dz_in": seq,
     }
     return [specs[n] for n in names]
 
@@ -414,41 +428,109 @@ def _bwd_input_names(cfg: _Kernel, chained: bool):
         *_input_names(cfg),
         ("ck", True),
         ("dy", True),
+        ("base", True),
+        # the sums carried between a program's ranges, updated in place (aliased)
         ("dhlast", True),
-        ("first", True),
         ("accA", True),
         ("accD", cfg.has_D),
         ("accbias", cfg.has_bias),
+        # the gradients so far (launches after the first), updated in place
         ("du_in", chained),
         ("ddt_in", chained),
         ("dz_in", chained and cfg.has_z),
     )
 
 
-def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
-    """One backward launch over `tiles` tiles from tile `first` (an input, so that
-    every launch of the same length runs the same kernel). dhlast and acc* carry the
-    state's cotangent and the dA, dD, dbias sums in from the later launches; dB and
-    dC rows are indexed from the launch's first step."""
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """One program's slice of a whole-array ref, indexed by the free axis between `pre`
+    and `post`: view[t] is ref[*pre, t, *post]. (Triton lowers one indexer per
+    access, so a view cannot be a ref.at[...] that is indexed again.)"""
+
+    ref: object
+    pre: tuple
+    post: tuple
+
+    def __getitem__(self, t):
+        return self.ref[(*self.pre, t, *self.post)]
+
+    def __setitem__(self, t, val):
+        self.ref[(*self.pre, t, *self.post)] = val
+
+    @property
+    def dtype(self):
+        return self.ref.dtype
+
+    @property
+    def at(self):
+        return _ViewAt(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViewAt:
+    view: _View
+
+    def __getitem__(self, t):
+        v = self.view
+        return v.ref.at[(*v.pre, t, *v.post)]
+
+
+def _bwd_kernel(cfg: _Kernel, chained: bool, *refs):
+    """One backward launch: program i takes work item q = base + i, which is tile range
+    k = q // P (launch order: k = 0 is the last range in time) of program slot
+    p = q % P = (batch row, channel block), P = batch x channel blocks. An item's
+    earlier ranges are items q - P, q - 2P, ...; a launch holds at most P items, so
+    those ran in earlier launches, which left the state's cotangent and the dA, dD and
+    dbias sums in the aliased carry refs. dB and dC rows go to this program's slot of
+    the launch's partial sums, indexed from the range's first step. Every other ref is
+    the whole array, indexed here."""
     ins, rest = _unpack(refs, _bwd_input_names(cfg, chained))
-    du_ref, ddt_ref, *rest = rest
-    dz_ref = rest.pop(0) if cfg.has_z else None
-    dA_ref, dB_ref, dC_ref, dh0_ref, ws_ref, *rest = rest
-    dD_ref = rest.pop(0) if cfg.has_D else None
-    dbias_ref = rest.pop(0) if cfg.has_bias else None
+    names = ("du", "ddt", "dz", "dA", "dB", "dC", "dh0", "ws", "dD", "dbias")
+    flags = (True, True, cfg.has_z, True, True, True, True, True, cfg.has_D, cfg.has_bias)
+    outs, _ = _unpack(rest, zip(names, flags, strict=True))
+    batch, _, dp = ins["u"].shape
+    nblk = dp // cfg.bwd_block_d
+    P = batch * nblk
+    per = -(-cfg.n_tiles // cfg.bwd_splits)  # tiles a range (the last in time may be shorter)
+    q = ins["base"][0] + pl.program_id(0)
+
+    def item():
+        k, p = jax.lax.div(q, P), jax.lax.rem(q, P)
+        j = jax.lax.rem(p, nblk)
+        first = (cfg.bwd_splits - 1 - k) * per
+        # static when the ranges are equal: a loop of known trip count
+        tiles = per if cfg.n_tiles % per == 0 else jnp.minimum(per, cfg.n_tiles - first)
+        _bwd_item(cfg, ins, outs, b=jax.lax.div(p, nblk), j=j, first=first, tiles=tiles)
+
+    if cfg.bwd_splits * P % cfg.bwd_wave:
+        pl.when(q < cfg.bwd_splits * P)(item)  # the last launch has idle programs
+    else:
+        item()
+
+
+def _bwd_item(cfg: _Kernel, ins, outs, *, b, j, first, tiles):
+    """The adjoint of tiles [first, first + tiles) of batch row b, channel block j."""
     K = cfg.bwd_unroll
     n_sub = cfg.tile // K
     n_all = tiles * n_sub
-    first = ins["first"][0]
-    s_end = (first + tiles) * n_sub  # one past the launch's last sub-tile
+    s_end = (first + tiles) * n_sub  # one past the range's last sub-tile
     t_lo = first * cfg.tile
     bd = cfg.bwd_block_d
+    ch = pl.ds(j * bd, bd)
+    grp = jax.lax.div(j, cfg.bwd_blocks_per_group)
     fill_names = ("u", "dt", "B", "keep")
     all_names = ("u", "dt", "z", "dy", "B", "C", "keep")
+    rows_in = {n: None if ins[n] is None else _View(ins[n], (b,), (ch,))
+               for n in ("u", "dt", "z", "dy")}
+    rows_in.update({n: _View(ins[n], (b,), (grp, slice(None))) for n in ("B", "C")})
+    rows_in["keep"] = _View(ins["keep"], (b,), ()) if cfg.has_keep else None
+    du_ref, ddt_ref = _View(outs["du"], (b,), (ch,)), _View(outs["ddt"], (b,), (ch,))
+    dz_ref = _View(outs["dz"], (b,), (ch,)) if cfg.has_z else None
+    ws_ref, dB_ref, dC_ref = outs["ws"], outs["dB"], outs["dC"]
 
-    A2 = ins["A"][...] * _LOG2E
-    D = ins["D"][...] if cfg.has_D else None
-    bias = ins["bias"][...] if cfg.has_bias else None
+    A2 = ins["A"][:, ch] * _LOG2E
+    D = ins["D"][ch] if cfg.has_D else None
+    bias = ins["bias"][ch] if cfg.has_bias else None
 
     def advance(r, t, h):
         """One forward step from h: (new state, decay, raw delta, delta, u)."""
@@ -469,7 +551,7 @@ def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
 
         def body(g, h):
             t0 = c * cfg.tile + g * KF
-            rows = _load_rows(ins, t0, KF, fill_names, cfg, False)
+            rows = _load_rows(rows_in, t0, KF, fill_names, cfg, False)
             for k, r in enumerate(rows):
                 if k % K == 0:
                     ws_ref[g * per + k // K] = h
@@ -478,7 +560,7 @@ def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
 
         # The last iteration also advances through the tile's last sub-tile, which
         # the workspace does not need: K wasted steps a tile, for a simpler loop.
-        jax.lax.fori_loop(0, cfg.tile // KF, body, ins["ck"][c])
+        jax.lax.fori_loop(0, cfg.tile // KF, body, ins["ck"][b, c, :, ch])
         _barrier(cfg)
 
     def back(r, t, h_prev, h, dA, x, dt, u, acc):
@@ -523,7 +605,7 @@ def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
         return (g * dA, acc_A, acc_D, acc_bias), out
 
     def load(s):
-        return _load_rows(ins, s * K, K, all_names, cfg, cfg.bwd_prefetch)
+        return _load_rows(rows_in, s * K, K, all_names, cfg, cfg.bwd_prefetch)
 
     def body(i, carry):
         s = s_end - 1 - i  # sub-tiles in reverse
@@ -559,77 +641,74 @@ def _bwd_kernel(cfg: _Kernel, tiles: int, chained: bool, *refs):
 
     zeros_d = jnp.zeros((bd,), _F32)
     acc = (
-        ins["dhlast"][...],
-        ins["accA"][...],
-        ins["accD"][...] if cfg.has_D else zeros_d,
-        ins["accbias"][...] if cfg.has_bias else zeros_d,
+        ins["dhlast"][b, :, ch],
+        ins["accA"][b, :, ch],
+        ins["accD"][b, ch] if cfg.has_D else zeros_d,
+        ins["accbias"][b, ch] if cfg.has_bias else zeros_d,
     )
     out = jax.lax.fori_loop(0, n_all, body, (acc, load(s_end - 1)) if cfg.bwd_prefetch else acc)
     g, acc_A, acc_D, acc_bias = out[0] if cfg.bwd_prefetch else out
-    dh0_ref[...] = g
-    dA_ref[...] = acc_A
-    if dD_ref is not None:
-        dD_ref[...] = acc_D
-    if dbias_ref is not None:
-        dbias_ref[...] = acc_bias
-
-
-def _bwd_launch(cfg: _Kernel, first: int, tiles: int, given: dict, prev: dict | None):
-    """One backward launch over tiles [first, first + tiles): a dict of its outputs.
-
-    prev: the previous (later-in-time) launch's outputs, or None for the first launch.
-    The per-channel-block dB and dC partial sums cover only this launch's steps:
-    (batch, blocks, tiles * tile, state)."""
-    batch, L, dp = given["u"].shape
-    N, bd = cfg.state, cfg.bwd_block_d
-    nblk = dp // bd
-    n_sub = cfg.tile // cfg.bwd_unroll
-    Lr = tiles * cfg.tile
-    chained = prev is not None
-    ins = dict(given, first=jnp.full((1,), first, jnp.int32))
-    if chained:
-        ins.update(dhlast=prev["dh0"], accA=prev["dA"], accD=prev.get("dD"),
-                   accbias=prev.get("dbias"), du_in=prev["du"], ddt_in=prev["ddt"],
-                   dz_in=prev.get("dz"))
-    else:
-        ins.update(accA=jnp.zeros((batch, N, dp), _F32))
-        if cfg.has_D:
-            ins["accD"] = jnp.zeros((batch, dp), _F32)
-        if cfg.has_bias:
-            ins["accbias"] = jnp.zeros((batch, dp), _F32)
-    names = [n for n, f in _bwd_input_names(cfg, chained) if f]
-    seq_spec = pl.BlockSpec((None, L, bd), lambda b, j: (b, 0, j))
-    state_spec = pl.BlockSpec((None, N, bd), lambda b, j: (b, 0, j))
-    part_spec = pl.BlockSpec((None, None, Lr, N), lambda b, j: (b, j, 0, 0))
-    chan_part = pl.BlockSpec((None, bd), lambda b, j: (b, j))
-    u, dt, z = given["u"], given["dt"], given["z"]
-    out = [
-        ("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq_spec),
-        ("ddt", jax.ShapeDtypeStruct(dt.shape, dt.dtype), seq_spec),
-    ]
-    if cfg.has_z:
-        out.append(("dz", jax.ShapeDtypeStruct(z.shape, z.dtype), seq_spec))
-    out += [
-        ("dA", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
-        ("dB", jax.ShapeDtypeStruct((batch, nblk, Lr, N), _F32), part_spec),
-        ("dC", jax.ShapeDtypeStruct((batch, nblk, Lr, N), _F32), part_spec),
-        ("dh0", jax.ShapeDtypeStruct((batch, N, dp), _F32), state_spec),
-        ("ws", jax.ShapeDtypeStruct((batch, nblk, n_sub, N, bd), _F32),
-         pl.BlockSpec((None, None, n_sub, N, bd), lambda b, j: (b, j, 0, 0, 0))),
-    ]
+    outs["dh0"][b, :, ch] = g
+    outs["dA"][b, :, ch] = acc_A
     if cfg.has_D:
-        out.append(("dD", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
+        outs["dD"][b, ch] = acc_D
     if cfg.has_bias:
-        out.append(("dbias", jax.ShapeDtypeStruct((batch, dp), _F32), chan_part))
-    # The gradients so far are updated in place: a launch writes only its own rows.
-    aliases = {names.index(n + "_in"): i for i, n in enumerate(("du", "ddt", "dz"))
-               if chained and n + "_in" in names}
+        outs["dbias"][b, ch] = acc_bias
+
+
+def _bwd_launch(cfg: _Kernel, base: int, given: dict, carry: dict, prev: dict | None):
+    """One backward launch of work items [base, base + cfg.bwd_wave) (see `_bwd_kernel`).
+
+    carry: the state's cotangent and the dA, dD, dbias sums, (batch, ...) arrays that
+    the launch updates in place; prev: the previous launch's du, ddt and dz, updated in
+    place, or None for the first launch. Returns a dict of the outputs; dB and dC are
+    the partial sums of the launch's items, (bwd_wave, range steps, state)."""
+    batch, L, dp = given["u"].shape
+    N, W = cfg.state, cfg.bwd_wave
+    n_sub = cfg.tile // cfg.bwd_unroll
+    Lr = -(-cfg.n_tiles // cfg.bwd_splits) * cfg.tile
+    chained = prev is not None
+    ins = dict(given, base=jnp.full((1,), base, jnp.int32), dhlast=carry["dh0"],
+               accA=carry["dA"], accD=carry.get("dD"), accbias=carry.get("dbias"))
+    if chained:
+        ins.update(du_in=prev["du"], ddt_in=prev["ddt"], dz_in=prev.get("dz"))
+    names = [n for n, f in _bwd_input_names(cfg, chained) if f]
+
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda i: (0,) * len(x.shape))
+
+    def slot(shape):  # this program's slot of a (W, ...) buffer
+        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+    u, dt, z = given["u"], given["dt"], given["z"]
+    f32 = lambda x: jax.ShapeDtypeStruct(x.shape, _F32)  # noqa: E731
+    out = [("du", jax.ShapeDtypeStruct(u.shape, u.dtype)),
+           ("ddt", jax.ShapeDtypeStruct(dt.shape, dt.dtype))]
+    if cfg.has_z:
+        out.append(("dz", jax.ShapeDtypeStruct(z.shape, z.dtype)))
+    out += [("dA", f32(carry["dA"])),
+            ("dB", jax.ShapeDtypeStruct((W, Lr, N), _F32)),
+            ("dC", jax.ShapeDtypeStruct((W, Lr, N), _F32)),
+            ("dh0", f32(carry["dh0"])),
+            ("ws", jax.ShapeDtypeStruct((W, n_sub, N, cfg.bwd_block_d), _F32))]
+    if cfg.has_D:
+        out.append(("dD", f32(carry["dD"])))
+    if cfg.has_bias:
+        out.append(("dbias", f32(carry["dbias"])))
+    out_names = [o[0] for o in out]
+    out_specs = [slot(o[1].shape[1:]) if o[0] in ("dB", "dC", "ws") else whole(o[1])
+                 for o in out]
+    # The carries always, and after the first launch the gradients so far, are updated
+    # in place: a launch writes only its items' rows.
+    pairs = {"dhlast": "dh0", "accA": "dA", "accD": "dD", "accbias": "dbias",
+             "du_in": "du", "ddt_in": "ddt", "dz_in": "dz"}
+    aliases = {names.index(i): out_names.index(o) for i, o in pairs.items() if i in names}
     res = pl.pallas_call(
-        functools.partial(_bwd_kernel, cfg, tiles, chained),
+        functools.partial(_bwd_kernel, cfg, chained),
         out_shape=[o[1] for o in out],
-        grid=(batch, nblk),
-        in_specs=_in_specs(cfg, bd, cfg.bwd_blocks_per_group, names),
-        out_specs=[o[2] for o in out],
+        grid=(W,),
+        in_specs=[whole(ins[n]) for n in names],
+        out_specs=out_specs,
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(
             num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages
@@ -637,15 +716,22 @@ def _bwd_launch(cfg: _Kernel, first: int, tiles: int, given: dict, prev: dict | 
         interpret=cfg.interpret,
         name="selective_scan_bwd",
     )(*[ins[n] for n in names])
-    return dict(zip([o[0] for o in out], res, strict=True))
+    return dict(zip(out_names, res, strict=True))
 
 
 def _bwd_ranges(cfg: _Kernel) -> list[tuple[int, int]]:
-    """(first tile, tiles) of each backward launch, in launch order (the last range first).
+    """(first tile, tiles) of each range of tiles, in launch order (the last range first).
 
     Ranges of ceil(n_tiles / bwd_splits) tiles; the last one in time may be shorter."""
     per = -(-cfg.n_tiles // cfg.bwd_splits)
     return [(f, min(per, cfg.n_tiles - f)) for f in reversed(range(0, cfg.n_tiles, per))]
+
+
+def _bwd_launch_items(cfg: _Kernel, programs: int) -> list[tuple[int, int]]:
+    """(first item, items) of each backward launch: the bwd_splits x programs work items
+    (range k of program slot p is item k * programs + p) in launches of bwd_wave."""
+    total = cfg.bwd_splits * programs
+    return [(q, min(cfg.bwd_wave, total - q)) for q in range(0, total, cfg.bwd_wave)]
 
 
 def _backward_impl(cfg: _Kernel, res, cts):
@@ -654,9 +740,16 @@ def _backward_impl(cfg: _Kernel, res, cts):
     batch, L, dp = u.shape
     N = cfg.state
     nblk = dp // cfg.bwd_block_d
+    P = batch * nblk
+    W = cfg.bwd_wave
     groups = B.shape[2]
-    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, ck=ck, dy=dy,
-                 dhlast=dhlast)
+    given = dict(u=u, dt=dt, z=z, A=A, B=B, C=C, D=D, bias=bias, keep=keep, ck=ck, dy=dy)
+    zeros = jnp.zeros((batch, dp), _F32)
+    carry = dict(dh0=dhlast, dA=jnp.zeros((batch, N, dp), _F32))
+    if cfg.has_D:
+        carry["dD"] = zeros
+    if cfg.has_bias:
+        carry["dbias"] = zeros
 
     def reduce_blocks(part, like):
         # (batch, nblk, Lr, N) -> (batch, Lr, groups, N): the channel blocks of each group
@@ -670,29 +763,47 @@ def _backward_impl(cfg: _Kernel, res, cts):
             total = total + part[:, :, i]
         return jnp.moveaxis(total, 1, 2).astype(like.dtype)
 
-    g, pieces = None, []
+    def range_parts(k, steps, bufs):
+        """Range k's partial sums, (batch, nblk, steps, N), from the launches holding them."""
+        got = [buf[max(k * P - i * W, 0):min((k + 1) * P - i * W, W)]
+               for i, buf in bufs.items() if i * W < (k + 1) * P and (i + 1) * W > k * P]
+        return jnp.concatenate(got)[:, :steps].reshape(batch, nblk, steps, N)
+
     ranges = _bwd_ranges(cfg)
-    for i, (first, tiles) in enumerate(ranges):
-        g = _bwd_launch(cfg, first, tiles, given, g)
-        piece = (reduce_blocks(g.pop("dB"), B), reduce_blocks(g.pop("dC"), C))
-        if i + 1 < len(ranges):
-            # The next launch takes the state's cotangent only once this range's partial
-            # sums are reduced: their buffer is then free for the next launch's.
-            piece, g["dh0"] = jax.lax.optimization_barrier((piece, g["dh0"]))
-        pieces.insert(0, piece)
+    launches = _bwd_launch_items(cfg, P)
+    grads, bufs, pieces, k_next = None, {}, [], 0
+    for i, (base, _) in enumerate(launches):
+        g = _bwd_launch(cfg, base, given, carry, grads)
+        carry = {n: g.pop(n) for n in ("dh0", "dA", "dD", "dbias") if n in g}
+        grads = {n: g.pop(n) for n in ("du", "ddt", "dz") if n in g}
+        bufs[i] = (g.pop("dB"), g.pop("dC"))
+        done = []  # the ranges whose last item this launch ran
+        while k_next < len(ranges) and (k_next + 1) * P <= base + W:
+            steps = ranges[k_next][1] * cfg.tile
+            done.append(tuple(
+                reduce_blocks(range_parts(k_next, steps, {n: v[c] for n, v in bufs.items()}),
+                              like)
+                for c, like in ((0, B), (1, C))))
+            k_next += 1
+        bufs = {n: v for n, v in bufs.items() if (n + 1) * W > k_next * P}
+        if done and i + 1 < len(launches):
+            # The next launch takes the state's cotangent only once these ranges' partial
+            # sums are reduced: their buffers are then free for the next launch's.
+            done, carry["dh0"] = jax.lax.optimization_barrier((done, carry["dh0"]))
+        pieces = done[::-1] + pieces
     dB = jnp.concatenate([p[0] for p in pieces], axis=1)[:, :L]
     dC = jnp.concatenate([p[1] for p in pieces], axis=1)[:, :L]
     return (
-        g["du"],
-        g["ddt"],
-        g["dz"] if cfg.has_z else None,
-        g["dA"].sum(axis=0),
+        grads["du"],
+        grads["ddt"],
+        grads["dz"] if cfg.has_z else None,
+        carry["dA"].sum(axis=0),
         dB,
         dC,
-        g["dD"].sum(axis=0) if cfg.has_D else None,
-        g["dbias"].sum(axis=0) if cfg.has_bias else None,
+        carry["dD"].sum(axis=0) if cfg.has_D else None,
+        carry["dbias"].sum(axis=0) if cfg.has_bias else None,
         None,
-        g["dh0"] if cfg.has_h0 else None,
+        carry["dh0"] if cfg.has_h0 else None,
     )
 
 
@@ -783,7 +894,13 @@ class PallasTritonScan(ScanImplementation):
       None: 8 while a thread holds at most 16 state entries (state 16 at the
       default block), else 4 or fewer.
     prefetch: load the next sub-tile while computing this one (forward).
-    tile_l: steps per saved state; the backward recomputes inside each tile.
+    tile_l: steps per saved state; the backward recomputes inside each tile. None: 16
+      where the backward's grid (batch x channel blocks) is at least `bwd_wave`, else
+      32. With the backward in waves, 16-step tiles were 4-9% faster forward+backward
+      at every shape measured on the H100 (most where the grid fills the GPU), but
+      their saved states, (batch, tiles, state, dim) float32, take twice the memory: at
+      state 16 as many bytes as u in float32. 32 keeps forward+backward at dim 2048,
+      length 8192, fp32 within the official kernel's memory.
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
       kernel (None: picked from the forward's settings and the state size).
     bwd_fill_unroll: steps per iteration of the backward's state-recomputing walk.
@@ -791,6 +908,12 @@ class PallasTritonScan(ScanImplementation):
       tile), so that the dB/dC partial sums of only one range exist at a time; None:
       enough launches that one range's partial sums take at most a quarter of u's
       bytes, at most 16 (and no split while they are under 8 MiB in all).
+    bwd_wave: the most backward programs (each one batch row and channel block over
+      one range of tiles) a launch runs. Where batch x channel blocks is more, the
+      backward runs those (program, range) items in launches of this many, in an order
+      that keeps each program's ranges in turn, so that no launch ends on a part-filled
+      second wave of programs. None: on a GPU, as many as its SMs hold at once (see
+      `_backward_programs_per_sm`); elsewhere no limit.
     num_stages: Triton's software-pipelining depth.
     backward: "kernel", or "reference" for the VJP of the sequential `lax.scan`.
     fast_math: exp2, exp and reciprocals as single PTX approximations (ex2.approx,
@@ -804,22 +927,22 @@ class PallasTritonScan(ScanImplementation):
     name = "pallas_triton"
     # Defaults from the H100 sweeps (benchmarks/RESULTS.md): 32 channels a one-warp
     # program, 8-step forward sub-tiles at state 16 (4 or fewer at larger states) with
-    # A row by row, 2-step backward sub-tiles with prefetch; a state saved every 32
-    # steps, and the backward's walk that refills each tile's sub-tile states 8 steps
-    # an iteration (forward+backward at dim 5120 10% faster than 64 and 16, we think
-    # because the smaller workspace stays in cache; 8-step tiles are faster still, but
-    # their saved states take 2-4x u's bytes).
+    # A row by row, 2-step backward sub-tiles with prefetch; the backward's walk that
+    # refills each tile's sub-tile states 8 steps an iteration. A state saved every 32
+    # steps, or 16 where the backward's programs fill the GPU at least once over
+    # (`tile_l`).
     block_d: int = 32
     num_warps: int | None = None
     unroll: int | None = None
     prefetch: bool = True
-    tile_l: int = 32
+    tile_l: int | None = None
     bwd_block_d: int | None = None
     bwd_num_warps: int | None = None
     bwd_unroll: int | None = None
     bwd_prefetch: bool | None = None
     bwd_fill_unroll: int = 8
     bwd_splits: int | None = None
+    bwd_wave: int | None = None
     num_stages: int = 1
     backward: str = "kernel"
     fast_math: bool = True
@@ -836,17 +959,17 @@ class PallasTritonScan(ScanImplementation):
             v = getattr(self, field)
             if v is not None and v not in (1, 2, 4, 8, 16):
                 raise ValueError(f"PallasTritonScan: {field} must be 1, 2, 4, 8 or 16, got {v}")
-        if self.bwd_splits is not None and (
-            not isinstance(self.bwd_splits, int) or self.bwd_splits < 1
-        ):
-            raise ValueError(
-                f"PallasTritonScan: bwd_splits must be None or an int >= 1, got {self.bwd_splits!r}"
-            )
+        for field in ("bwd_splits", "bwd_wave"):
+            v = getattr(self, field)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(
+                    f"PallasTritonScan: {field} must be None or an int >= 1, got {v!r}"
+                )
         if self.num_stages < 1:
             raise ValueError(f"PallasTritonScan: num_stages must be >= 1, got {self.num_stages}")
         for field in ("unroll", "bwd_unroll"):
             v = getattr(self, field)
-            if v is not None and self.tile_l % v:
+            if v is not None and self.tile_l is not None and self.tile_l % v:
                 raise ValueError(
                     f"PallasTritonScan: tile_l ({self.tile_l}) must be a multiple of {field} ({v})"
                 )
@@ -906,7 +1029,12 @@ class PallasTritonScan(ScanImplementation):
             per_thread * bwd_unroll <= 32 if self.bwd_prefetch is None else self.bwd_prefetch
         )
         step = max(unroll, bwd_unroll)
-        tile = min(self.tile_l, _round_up(spec.length, step))
+        programs = spec.batch * spec.groups * dgp // bwd_bd  # backward programs a range
+        wave = self.bwd_wave
+        if wave is None and not self.interpret and (sms := _gpu_sm_count()) is not None:
+            wave = sms * _backward_programs_per_sm(per_thread * bwd_unroll, bwd_warps)
+        tile_l = self.tile_l or max(step, 16 if wave is not None and programs >= wave else 32)
+        tile = min(tile_l, _round_up(spec.length, step))
         n_tiles = -(-spec.length // tile)
         splits = self.bwd_splits
         if splits is None:
@@ -921,7 +1049,8 @@ class PallasTritonScan(ScanImplementation):
             u_bytes = spec.batch * spec.length * dp * jnp.dtype(spec.dtype).itemsize
             splits = 1 if partials <= 8 << 20 else min(16, -(-partials // max(1, u_bytes // 4)))
         splits = min(splits, n_tiles)
-        splits = -(-n_tiles // -(-n_tiles // splits))  # launches that ranges of equal tiles need
+        splits = -(-n_tiles // -(-n_tiles // splits))  # ranges of equal tiles that makes
+        wave = min(wave or programs, programs)
         return _Kernel(
             length=spec.length,
             tile=tile,
@@ -946,6 +1075,7 @@ class PallasTritonScan(ScanImplementation):
             bwd_prefetch=bwd_prefetch,
             keep_decay=per_thread * bwd_unroll <= 64,
             bwd_splits=splits,
+            bwd_wave=wave,
             # a multiple of bwd_unroll that divides the tile, at most bwd_fill_unroll
             fill_unroll=max(f for f in range(bwd_unroll, tile + 1, bwd_unroll)
                             if tile % f == 0 and (f <= self.bwd_fill_unroll or f == bwd_unroll)),

@@ -529,11 +529,10 @@ def test_lowers_for_h100(dtype, length, state, groups, wave):
             text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
     # A launch that completes a range, but the last, waits for that range's partial
-    # sums to be reduced (with waves of 80 and ranges of 96 items, launch 1 completes
+    # sums to be reduced (with launches of 80 and ranges of 96 items, launch 0 completes
     # none); every launch updates the 4 carried sums in place, and those after the
     # first du, d_delta and dz.
-    completing = len({(k + 1) * programs // cfg.bwd_wave - ((k + 1) * programs % cfg.bwd_wave == 0)
-                      for k in range(splits)})
+    completing = len({((k + 1) * programs - 1) // cfg.bwd_wave for k in range(splits)})
     assert text.count("stablehlo.optimization_barrier") == completing - 1
     assert text.count("#stablehlo.output_operand_alias<") == 4 * n_launch + 3 * (n_launch - 1)
 

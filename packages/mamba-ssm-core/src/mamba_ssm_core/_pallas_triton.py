@@ -896,7 +896,7 @@ class PallasTritonScan(ScanImplementation):
     prefetch: load the next sub-tile while computing this one (forward).
     tile_l: steps per saved state; the backward recomputes inside each tile. None: 16
       where the backward's grid (batch x channel blocks) is at least `bwd_wave`, else
-      32. With the backward in waves, 16-step tiles were 4-9% faster forward+backward
+      32. With the backward in waves, 16-step tiles were 3.5-9.4% faster forward+backward
       at every shape measured on the H100 (most where the grid fills the GPU), but
       their saved states, (batch, tiles, state, dim) float32, take twice the memory: at
       state 16 as many bytes as u in float32. 32 keeps forward+backward at dim 2048,
@@ -904,9 +904,10 @@ class PallasTritonScan(ScanImplementation):
     bwd_block_d, bwd_num_warps, bwd_unroll, bwd_prefetch: the same for the backward
       kernel (None: picked from the forward's settings and the state size).
     bwd_fill_unroll: steps per iteration of the backward's state-recomputing walk.
-    bwd_splits: backward launches, each over a range of whole tiles (at most one a
-      tile), so that the dB/dC partial sums of only one range exist at a time; None:
-      enough launches that one range's partial sums take at most a quarter of u's
+    bwd_splits: ranges of whole tiles (at most one a tile) the backward walks in turn,
+      one launch a range while the grid fits `bwd_wave`, so that the dB/dC partial
+      sums of only one range (two where launches straddle ranges) exist at a time;
+      None: enough ranges that one range's partial sums take at most a quarter of u's
       bytes, at most 16 (and no split while they are under 8 MiB in all).
     bwd_wave: the most backward programs (each one batch row and channel block over
       one range of tiles) a launch runs. Where batch x channel blocks is more, the

@@ -7,12 +7,13 @@
 Lowers `pallas_triton`'s forward+backward for an abstract H100 with jax's own Pallas
 lowering, compiles each kernel's Triton IR with the `triton` package for sm_90a, and
 runs `ptxas -v` on the PTX. For each kernel it prints the registers a thread uses, the
-bytes spilled, how many of its programs the registers let an SM hold (each warp takes
-its registers in units of 256 from one of the SM's four 16384-register quarters, one a
-warp scheduler: 1-warp programs of 169 to 255 registers fit 2 a quarter, 8 an SM, as
-ncu showed for 195), and how many waves its grid takes on the
-H100's 132 SMs: past one wave the last programs wait for a free slot (measured at dim
-5120: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves 7.1).
+bytes spilled, how many of its programs the registers let an SM hold (the kernels'
+own rule, `_pallas_triton._programs_per_sm`: 1-warp programs of 169 to 255 registers
+fit 8 an SM, as ncu showed for 195), and how many waves its grid takes on the
+H100's 132 SMs, the backward's launches sized as `bwd_wave` sizes them there. Past
+one wave the last programs wait for a free slot (measured at dim 5120 before
+`bwd_wave`: 0.91 of a wave took 4.1 ms forward+backward, 1.06 waves 6.9, 1.21 waves
+7.1).
 
 On the H100 (jax 0.11.2, ncu, 2026-11-23) the forward used 166 registers and this script
 (jax 0.10.2, triton 3.9.0) says 165; the backward 255 on both. One backward variant
@@ -48,10 +49,6 @@ import mamba_ssm_core as m  # noqa: E402
 from mamba_ssm_core import _pallas_triton as pt  # noqa: E402
 
 H100_SMS = 132
-SUBPARTITIONS = 4  # warp schedulers an SM, each with its own quarter of the registers
-REGS_PER_SUBPARTITION = 16384
-MAX_WARPS_PER_SM = 64
-MAX_PROGRAMS_PER_SM = 32
 
 
 def ptxas_path(triton) -> str:
@@ -134,6 +131,8 @@ def main(argv=None):
           f"state {ns.state}, {ns.dtype}; sm_90a, triton {triton.__version__}")
     print("| dim | kernel | warps | registers | spilled B | programs/SM | grid | waves |")
     print("|---|---|---|---|---|---|---|---|")
+    # as on the H100: the backward's launches hold what its 132 SMs run at once
+    unittest.mock.patch.object(pt, "_gpu_sm_count", lambda: H100_SMS).start()
     for dim in (int(d) for d in ns.dims.split(",")):
         spec = m.ScanSpec(batch=ns.batch, length=ns.length, dim=dim, state=ns.state, groups=1,
                           dtype=ns.dtype, has_z=True, has_segments=False)
@@ -144,10 +143,7 @@ def main(argv=None):
             fwd = "selective_scan_fwd" in ttir
             warps = cfg.num_warps if fwd else cfg.bwd_num_warps
             u = usage(triton, ptxas, ttir, warps)
-            warp_regs = -(-u["regs"] * 32 // 256) * 256
-            warps_per_sm = min(SUBPARTITIONS * (REGS_PER_SUBPARTITION // warp_regs),
-                               MAX_WARPS_PER_SM)
-            per_sm = min(warps_per_sm // warps, MAX_PROGRAMS_PER_SM)
+            per_sm = pt._programs_per_sm(u["regs"], warps)
             programs = math.prod(grid)
             # the backward's later launches are a second kernel: they take the sums so far
             label = u["kernel"] + (" (later launches)" if u["kernel"] in seen else "")

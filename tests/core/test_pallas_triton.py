@@ -253,7 +253,8 @@ def assert_same_grads(got, want, what, *, dA_ulps=0):
 
 
 def launches(impl, b, length, d, n, groups=1, dtype="float32"):
-    """(first tile, tiles) of each backward launch `impl` makes for this call."""
+    """(first tile, tiles) of each range of tiles `impl`'s backward walks for this call
+    (one launch a range while the grid fits `bwd_wave`, as on the CPU)."""
     cfg = impl.kernel_config(
         spec(batch=b, length=length, dim=d, state=n, groups=groups, dtype=dtype),
         softplus=True, has_D=True, has_bias=True, has_h0=True)

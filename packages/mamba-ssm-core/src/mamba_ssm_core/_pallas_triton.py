@@ -83,12 +83,30 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _first_gpu():
+    """The first GPU device, or None if there is none."""
+    try:
+        return jax.devices("gpu")[0]
+    except (RuntimeError, IndexError):
+        return None
+
+
 def _gpu_sm_count() -> int | None:
     """Streaming multiprocessors of the first GPU, or None if there is no GPU."""
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except (RuntimeError, AttributeError, ValueError, TypeError, IndexError):
-        return None
+    count = getattr(_first_gpu(), "core_count", None)
+    return None if count is None else int(count)
+
+
+def _programs_per_sm(regs: int, warps: int) -> int:
+    """Programs of `warps` warps using `regs` registers a thread that an SM holds at once.
+
+    A warp takes its registers, in units of 256, from one of the SM's four
+    16384-register quarters, one a warp scheduler (H100 and A100 alike): 1-warp
+    programs of 169 to 255 registers fit 2 a quarter, 8 an SM (ncu showed it at 195).
+    At most 64 warps and 32 programs an SM."""
+    per_warp = -(-regs * 32 // 256) * 256
+    warps_per_sm = min(4 * (16384 // per_warp), 64)
+    return max(1, min(warps_per_sm // warps, 32))
 
 
 def _backward_programs_per_sm(sub_tile_entries: int, warps: int) -> int:
@@ -97,20 +115,16 @@ def _backward_programs_per_sm(sub_tile_entries: int, warps: int) -> int:
 
     ptxas gives the default backward 255 registers a thread at every state size but 1
     (168 there; `benchmarks/triton_registers.py`, 2026-11-23; 255 agrees with ncu on
-    the H100). A warp takes its registers, in units of 256, from one of the SM's four
-    16384-register quarters (H100 and A100 alike): 2 warps a quarter at 255, 3 at 168."""
-    regs = 168 if sub_tile_entries <= 8 else 255
-    per_warp = -(-regs * 32 // 256) * 256
-    return max(1, 4 * (16384 // per_warp) // warps)
+    the H100): 8 one-warp programs an SM, or 12 at 168."""
+    return _programs_per_sm(168 if sub_tile_entries <= 8 else 255, warps)
 
 
 def _cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the first GPU, or None if it is no CUDA device."""
     try:
-        cc = jax.devices("gpu")[0].compute_capability
-        major, minor = str(cc).split(".")[:2]
+        major, minor = str(_first_gpu().compute_capability).split(".")[:2]
         return int(major), int(minor)
-    except (RuntimeError, AttributeError, ValueError, IndexError):
+    except (AttributeError, ValueError):
         return None
 
 
@@ -494,18 +508,12 @@ def _bwd_kernel(cfg: _Kernel, chained: bool, *refs):
     per = -(-cfg.n_tiles // cfg.bwd_splits)  # tiles a range (the last in time may be shorter)
     q = ins["base"][0] + pl.program_id(0)
 
-    def item():
+    @pl.when(q < cfg.bwd_splits * P)  # the last launch may have idle programs
+    def _():
         k, p = jax.lax.div(q, P), jax.lax.rem(q, P)
-        j = jax.lax.rem(p, nblk)
         first = (cfg.bwd_splits - 1 - k) * per
-        # static when the ranges are equal: a loop of known trip count
-        tiles = per if cfg.n_tiles % per == 0 else jnp.minimum(per, cfg.n_tiles - first)
-        _bwd_item(cfg, ins, outs, b=jax.lax.div(p, nblk), j=j, first=first, tiles=tiles)
-
-    if cfg.bwd_splits * P % cfg.bwd_wave:
-        pl.when(q < cfg.bwd_splits * P)(item)  # the last launch has idle programs
-    else:
-        item()
+        _bwd_item(cfg, ins, outs, b=jax.lax.div(p, nblk), j=jax.lax.rem(p, nblk), first=first,
+                  tiles=jnp.minimum(per, cfg.n_tiles - first))
 
 
 def _bwd_item(cfg: _Kernel, ins, outs, *, b, j, first, tiles):
